@@ -1,0 +1,121 @@
+"""Built-in datasets and the rule that shards them across ranks.
+
+Everything here is small, ships with the installed packages (scikit-learn's
+digits, a public-domain text in ``ddlkit/assets``) or is generated from the
+seed, so nothing is downloaded at run time.
+
+Sharding: the samples form one endless stream, epoch after epoch, each epoch a
+fresh seeded permutation. Global step ``t`` takes the next ``world_size *
+batch_size`` positions of the stream and rank ``r`` takes its contiguous
+``batch_size`` of them. Within an epoch no sample is seen twice and none is
+dropped (a batch may straddle two epochs), and the union of the ranks' batches
+at step ``t`` is exactly the batch a single process with ``world_size *
+batch_size`` would take: that is what makes data parallelism exact.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    inputs: torch.Tensor  # (n, features) float, or (n, seq_len) token ids
+    targets: torch.Tensor  # (n,) class ids, (n, 1) values, or (n, seq_len) next tokens
+    task: str  # "classify" | "regress" | "lm"
+    num_outputs: int  # classes, 1 for regression, vocabulary size for lm
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def load_dataset(name: str, seed: int = 0, seq_len: int = 32) -> Dataset:
+    """Build a built-in dataset; deterministic for a given seed.
+
+    >>> ds = load_dataset("digits")
+    >>> ds.inputs.shape, ds.task, ds.num_outputs
+    (torch.Size([1797, 64]), 'classify', 10)
+    """
+    if name == "digits":
+        x, y = _digits()
+        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), "classify", 10)
+    gen = torch.Generator().manual_seed(seed)
+    if name == "synthetic":  # 10 Gaussian blobs in 64 dimensions
+        centers = 2.0 * torch.randn(10, 64, generator=gen)
+        labels = torch.randint(0, 10, (2048,), generator=gen)
+        x = centers[labels] + torch.randn(2048, 64, generator=gen)
+        return Dataset(name, x, labels, "classify", 10)
+    if name == "regression":  # y = x.w + noise
+        x = torch.randn(2048, 64, generator=gen)
+        w = torch.randn(64, 1, generator=gen) / 8
+        y = x @ w + 0.1 * torch.randn(2048, 1, generator=gen)
+        return Dataset(name, x, y, "regress", 1)
+    if name == "sonnets":  # next-character prediction on every window of the text
+        ids, vocab = _sonnet_ids()
+        windows = ids.unfold(0, seq_len + 1, 1)
+        return Dataset(name, windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), "lm", len(vocab))
+    raise ValueError(f"dataset={name!r} is invalid: valid values are ['digits', 'synthetic', 'regression', 'sonnets']")
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    # Read the CSV that scikit-learn ships rather than importing sklearn (a second
+    # of start-up in every worker for one small table).
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("dataset 'digits' needs scikit-learn installed: pip install scikit-learn")
+    csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(csv, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _sonnet_ids() -> tuple[torch.Tensor, str]:
+    text = (ASSETS / "sonnets.txt").read_text()
+    vocab = "".join(sorted(set(text)))
+    lookup = {ch: i for i, ch in enumerate(vocab)}
+    return torch.tensor([lookup[ch] for ch in text], dtype=torch.long), vocab
+
+
+class ShardedStream:
+    """This rank's sample indices for any global step (see the module doc).
+
+    >>> a = ShardedStream(10, batch_size=2, rank=0, world_size=2, seed=0)
+    >>> b = ShardedStream(10, batch_size=2, rank=1, world_size=2, seed=0)
+    >>> both = ShardedStream(10, batch_size=4, rank=0, world_size=1, seed=0)
+    >>> torch.equal(torch.cat([a.indices(3), b.indices(3)]), both.indices(3))
+    True
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.n = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def indices(self, step: int) -> torch.Tensor:
+        start = (step * self.world_size + self.rank) * self.batch_size
+        positions = torch.arange(start, start + self.batch_size)
+        epochs = positions // self.n
+        out = torch.empty(self.batch_size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            out[mask] = self._perm(epoch)[positions[mask] % self.n]
+        return out
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]

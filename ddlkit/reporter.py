@@ -1,0 +1,100 @@
+"""The worker's end of the live channel: events out, controls in.
+
+A rank started by ddlkit talks to the kernel over its own authenticated
+connection (``ddlkit.channel``). A rank started by another launcher
+(``accelerate launch`` on a cluster) has no kernel to talk to and appends the
+same events to ``<run_dir>/events-rank<r>.jsonl`` instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from . import channel
+
+HEARTBEAT_S = 1.0
+
+_active: "Reporter | None" = None
+
+
+def log(step: int | None = None, **values: Any) -> None:
+    """Stream values for this rank to the kernel, as one row of ``run.metrics``.
+
+    Call it from a training function started by ``ddlkit.launch(fn, ...)``;
+    outside a ddlkit run it does nothing, so the same function runs anywhere.
+    Without ``step`` the rank's rows are numbered 0, 1, 2, ...
+
+    >>> log(step=0, loss=1.25)  # a no-op outside a ddlkit run
+    """
+    if _active is not None:
+        _active.step(step, **values)
+
+
+class Reporter:
+    def __init__(self, rank: int, conn: Connection | None = None, file: Path | None = None):
+        self.rank = rank
+        self._conn = conn
+        self._file = open(file, "a") if file is not None else None
+        self._lock = threading.Lock()
+        self.last_step = -1
+        self._parent = os.getppid()
+        threading.Thread(target=self._beat, name="ddlkit-heartbeat", daemon=True).start()
+
+    @classmethod
+    def from_env(cls, rank: int, run_dir: Path) -> "Reporter":
+        """Connect as the environment set by ddlkit's launcher says, or fall back
+        to a file in the run's folder."""
+        if "DDLKIT_CHANNEL" in os.environ:
+            host, port = os.environ["DDLKIT_CHANNEL"].rsplit(":", 1)
+            conn = channel.connect((host, int(port)), os.environ["DDLKIT_TOKEN"], rank)
+            return cls(rank, conn=conn)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return cls(rank, file=run_dir / f"events-rank{rank}.jsonl")
+
+    def activate(self) -> None:
+        global _active
+        _active = self
+
+    def send(self, event: dict[str, Any]) -> None:
+        event.setdefault("rank", self.rank)
+        event.setdefault("time", time.time())
+        with self._lock:
+            if self._conn is not None:
+                channel.send(self._conn, event)
+            elif self._file is not None:
+                self._file.write(json.dumps(event, default=channel._jsonable) + "\n")
+                self._file.flush()
+
+    def step(self, step: int | None = None, **values: Any) -> None:
+        self.last_step = self.last_step + 1 if step is None else int(step)
+        self.send({"type": "step", "step": self.last_step, **values})
+
+    def error(self, traceback_text: str) -> None:
+        self.send({"type": "error", "traceback": traceback_text})
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _beat(self) -> None:
+        # Progress for the kernel's hang detector (the step counter, which a
+        # deadlocked main thread stops advancing even though this thread beats
+        # on), and a watch on the parent: a worker whose kernel died ends too.
+        while True:
+            time.sleep(HEARTBEAT_S)
+            if os.getppid() != self._parent:
+                os._exit(1)
+            try:
+                self.send({"type": "beat", "step": self.last_step})
+            except (OSError, ValueError):  # kernel gone, or closed at exit
+                os._exit(1)

@@ -1,0 +1,46 @@
+"""Strategies: one file per parallelism.
+
+A strategy receives the model and what it needs to parallelise it (the
+accelerator, later process groups or a device mesh), wraps the model, and does
+one training step. Adding a parallelism means adding one module here and one
+line to ``STRATEGIES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from ..config import RunConfig
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class StepStats:
+    """One rank's view of one step. ``comm_s`` is time in gradient communication
+    (including waiting there for slower peers); ``compute_s`` is the rest of the
+    step's forward, backward and optimizer time."""
+
+    loss: torch.Tensor
+    compute_s: float
+    comm_s: float
+
+
+def make_optimizer(cfg: RunConfig) -> OptimizerFactory:
+    def factory(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr)
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.AdamW(params, lr=cfg.lr)
+
+    return factory
+
+
+def build_strategy(cfg: RunConfig, accelerator, model: torch.nn.Module, task: str):
+    from .data import DataParallel
+
+    strategies = {"single": DataParallel, "data": DataParallel}
+    return strategies[cfg.strategy](cfg, accelerator, model, task, make_optimizer(cfg))

@@ -1,0 +1,170 @@
+"""The one worker entry point.
+
+ddlkit's launcher, the CLI and ``accelerate launch -m ddlkit.worker cfg.yaml``
+on a cluster all run the code below with the same serialised config, so what
+runs in CI on two CPU processes is what runs on eight GPUs.
+
+Every rank: connect its reporter, run the body (``train`` for a built-in
+experiment, or the user's function), say "finished" or send its traceback, and
+leave with ``os._exit`` (DDP on gloo can abort in interpreter shutdown after a
+clean finish; skipping the shutdown is what makes a finished run finish).
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig
+from .data import ShardedStream, load_dataset
+from .models import build_model
+from .reporter import Reporter
+from .strategies import build_strategy
+
+
+def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
+    """What every rank of a built-in experiment does, top to bottom."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # A peer that hangs must not hold the others forever: the kernel's hang
+    # detector fires first, this timeout is the backstop.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=2 * cfg.hang_timeout))
+    accelerator = Accelerator(cpu=cfg.resolved_device() == "cpu", kwargs_handlers=[timeout])
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    dataset = load_dataset(cfg.dataset, cfg.seed, cfg.seq_len)
+    model = build_model(cfg.model, dataset, cfg.hidden, cfg.seq_len)
+    strategy = build_strategy(cfg, accelerator, model, dataset.task)
+    shard = ShardedStream(len(dataset), cfg.batch_size, rank, world_size, cfg.seed)
+
+    started = time.perf_counter()
+    for step in range(cfg.steps):
+        step_start = time.perf_counter()
+        index = shard.indices(step)
+        inputs = dataset.inputs[index].to(accelerator.device)
+        targets = dataset.targets[index].to(accelerator.device)
+        wait_s = time.perf_counter() - step_start
+
+        if cfg.fault and cfg.fault["rank"] == rank and cfg.fault["step"] == step:
+            inject_fault(cfg.fault["kind"], step)
+        stats = strategy.step(inputs, targets)
+
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            reporter.step(
+                step, loss=stats.loss.item(), samples=len(index), lr=cfg.lr,
+                step_time=time.perf_counter() - step_start,
+                compute_s=stats.compute_s, comm_s=stats.comm_s, wait_s=wait_s,
+            )
+        else:
+            reporter.last_step = step  # progress for the hang detector, no event
+    train_s = time.perf_counter() - started
+
+    state = strategy.full_state_dict()
+    if rank == 0:
+        save_atomic(state, run_dir / "final_state.pt")
+    return {"steps": cfg.steps, "samples": cfg.steps * cfg.batch_size * world_size, "train_s": train_s}
+
+
+def inject_fault(kind: str, step: int) -> None:
+    """Fail on purpose, the ways real workers fail (teaching and tests)."""
+    if kind == "exception":
+        raise RuntimeError(f"injected fault at step {step}")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while kind == "hang":
+        time.sleep(1)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn:
+    """Run one rank's body and report how it ended; never returns."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the kernel asks for stacks of a hung rank
+    reporter = Reporter.from_env(rank, run_dir)
+    reporter.activate()
+    code = 1
+    try:
+        returned = body(reporter)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        reporter.send({"type": "finished", **(returned if isinstance(returned, dict) else {})})
+        code = 0
+    except SystemExit as exc:  # sys.exit(0) inside a user's function is a clean end
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 0:
+            reporter.send({"type": "finished"})
+    except BaseException:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        reporter.error(text)
+    finally:
+        reporter.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_function(fn: Callable[..., Any], args: tuple, rank: int, run_dir: Path) -> Callable[[Reporter], Any]:
+    """The body for a user's training function: call it, keep what it returns."""
+
+    def body(_reporter: Reporter) -> None:
+        value = fn(*args)
+        if value is not None:
+            save_atomic(value, run_dir / f"return-rank{rank}.pt")
+
+    return body
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """'package.module:function' -> the function."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = argparse.ArgumentParser(prog="python -m ddlkit.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="a RunConfig as YAML or JSON")
+    parser.add_argument("--function", help="'module:function' to run instead of a built-in experiment")
+    opts = parser.parse_args(argv)
+    if not opts.config and not opts.function:
+        parser.error("give a config file or --function module:function")
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.function:
+        run_dir = Path(os.environ.get("DDLKIT_RUN_DIR", "runs/standalone"))
+        args = tuple(json.loads(os.environ.get("DDLKIT_ARGS", "[]")))
+        serve(rank, run_dir, run_function(import_function(opts.function), args, rank, run_dir))
+    cfg = RunConfig.load(opts.config)
+    cfg.validate()
+    # Under another launcher (accelerate launch, torchrun) every rank agrees on
+    # the folder through the launcher's run id.
+    run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / os.environ.get("TORCHELASTIC_RUN_ID", "standalone"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))
+
+
+if __name__ == "__main__":
+    main()
