@@ -63,6 +63,7 @@ class Run:
         self.meta = meta
         self.events: list[dict[str, Any]] = []  # every event but heartbeats, as received
         self._rows: list[dict[str, Any]] = []  # step events: the metrics table
+        self.steps_done = 0  # highest logged step + 1, over all ranks
         self._table: tuple[int, pd.DataFrame] | None = None
         self._status = "starting"
         self._error: str | None = None
@@ -70,6 +71,8 @@ class Run:
         self._lock = threading.Lock()
         self._ended = threading.Event()
         self._collector: "Collector | None" = None
+        self.pids: list[int] = []  # worker processes (each leads its own process group)
+        self.ports: list[int] = []  # the rendezvous store's and the channel's, on 127.0.0.1
         self._log: IO[str] | None = None
 
     # ---- public -----------------------------------------------------------
@@ -97,9 +100,13 @@ class Run:
         """Block until the run ends. Raises :class:`RunFailed` if it failed and
         ``TimeoutError`` if it is still going after ``timeout`` seconds (it keeps
         going). An interrupt (Ctrl-C, Jupyter's stop button) stops the run."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if not self._ended.wait(timeout):
-                raise TimeoutError(f"run {self.id} is still {self.status} after {timeout} s")
+            # Short slices: a SIGINT that lands on another thread of the kernel
+            # is only noticed when the main thread wakes.
+            while not self._ended.wait(0.1):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"run {self.id} is still {self.status} after {timeout} s")
         except KeyboardInterrupt:
             self.stop()
             raise
@@ -132,6 +139,12 @@ class Run:
                    for p in sorted(self.path.glob("return-rank*.pt"))}
         return Result(state, self.summary, returns)
 
+    def report(self, path: str | os.PathLike) -> Path:
+        """Write the run's panels as a standalone HTML page."""
+        from .figures import write_report
+
+        return write_report(self, path)
+
     def __repr__(self) -> str:
         return f"<ddlkit.Run {self.id} {self.status}: {len(self._rows)} rows, {self.world_size} ranks>"
 
@@ -140,8 +153,10 @@ class Run:
                    rendezvous: Any, hang_timeout: float | None, echo: bool | Callable[[str], None]) -> None:
         from .collector import Collector
 
-        _write_json(self.path / "run.json", {"id": self.id, "started": self.started,
-                                             "world_size": self.world_size, **self.meta})
+        self.pids = [state.process.pid for state in ranks]
+        self.ports = [rendezvous.port, server.address[1]]
+        _write_json(self.path / "run.json", {"id": self.id, "started": self.started, "world_size": self.world_size,
+                                             "pids": self.pids, "ports": self.ports, **self.meta})
         self._log = open(self.path / "events.jsonl", "a")
         self._collector = Collector(self, ranks, outputs, server, rendezvous, hang_timeout, echo)
         with _live_lock:
@@ -163,6 +178,7 @@ class Run:
                 row = {k: v for k, v in event.items() if k != "type"}
                 row["time"] = event["time"] - self.started
                 self._rows.append(row)
+                self.steps_done = max(self.steps_done, row["step"] + 1)
 
     def _set_status(self, status: str) -> None:
         if self._status in LIVE:

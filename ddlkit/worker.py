@@ -16,6 +16,7 @@ import faulthandler
 import importlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -103,7 +104,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn:
     """Run one rank's body and report how it ended; never returns."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the kernel asks for stacks of a hung rank
+    # Fatal errors and the stacks the kernel asks of a hung rank go to this
+    # rank's own stderr (a forked rank inherits the kernel's faulthandler file).
+    faulthandler.enable(file=sys.stderr)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     reporter = Reporter.from_env(rank, run_dir)
     reporter.activate()
     code = 1
@@ -145,6 +149,21 @@ def import_function(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def agreed_run_id() -> str:
+    """A run folder name that all ranks started by another launcher share: the
+    launcher's run id, or else one that the first rank proposes in the store
+    that torchrun's (and accelerate launch's) agent hosts for every rank."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return run_id
+    proposal = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return proposal  # a single process
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))
+    return store.compare_set("ddlkit/run_id", "", proposal).decode()
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="python -m ddlkit.worker", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="a RunConfig as YAML or JSON")
@@ -159,10 +178,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         serve(rank, run_dir, run_function(import_function(opts.function), args, rank, run_dir))
     cfg = RunConfig.load(opts.config)
     cfg.validate()
-    # Under another launcher (accelerate launch, torchrun) every rank agrees on
-    # the folder through the launcher's run id.
-    run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / os.environ.get("TORCHELASTIC_RUN_ID", "standalone"))
+    run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / agreed_run_id())
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (run_dir / "config.json").exists():
+        cfg.save(run_dir / "config.json")
     serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))
 
 

@@ -1,0 +1,87 @@
+"""The command line: the same experiments as the notebook.
+
+    ddlkit run --strategy data --world-size 2 --steps 100
+    ddlkit run experiment.yaml --lr 0.1
+    ddlkit demo
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from tqdm import tqdm
+
+from .config import RunConfig
+from .launch import launch
+from .run import Run, RunFailed
+
+DEMO = RunConfig(strategy="data", world_size=2, model="mlp", dataset="digits", steps=200, batch_size=32, lr=0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddlkit", description="Distributed deep learning experiments.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_cmd = commands.add_parser("run", help="run an experiment from flags and/or a YAML/JSON config")
+    run_cmd.add_argument("config", nargs="?", help="experiment.yaml or .json; flags override its values")
+    for f in dataclasses.fields(RunConfig):
+        if f.type in ("int", "float", "str"):
+            run_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                                 type={"int": int, "float": float, "str": str}[f.type])
+    run_cmd.add_argument("--report", action="store_true", help="also write runs/<id>/report.html")
+    demo_cmd = commands.add_parser("demo", help="a small data-parallel run, with an HTML report")
+    demo_cmd.add_argument("--steps", type=int, default=DEMO.steps)
+    opts = parser.parse_args(argv)
+
+    try:
+        if opts.command == "demo":
+            cfg, report = DEMO.replace(steps=opts.steps), True
+        else:
+            cfg = RunConfig.load(opts.config) if opts.config else RunConfig()
+            overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(RunConfig)
+                         if getattr(opts, f.name, None) is not None}
+            cfg, report = cfg.replace(**overrides), opts.report
+        cfg.validate()
+    except (ValueError, OSError) as exc:
+        print(f"ddlkit: error: {exc}", file=sys.stderr)
+        return 2
+    return _run(cfg, report)
+
+
+def _run(cfg: RunConfig, report: bool) -> int:
+    print(f"ddlkit: {cfg.strategy} parallel, {cfg.world_size} rank(s), {cfg.model} on {cfg.dataset}, {cfg.steps} steps")
+    run = launch(cfg, echo=tqdm.write)
+    try:
+        _follow(run, cfg.steps)
+        run.wait()
+    except KeyboardInterrupt:
+        run.stop()
+        print(f"ddlkit: run {run.id} stopped; what it recorded is in {run.path}", file=sys.stderr)
+        return 130
+    except RunFailed as exc:
+        print(f"ddlkit: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if report:
+            print(f"report: {run.report(run.path / 'report.html')}")
+    print(format_summary(run))
+    return 0
+
+
+def _follow(run: Run, steps: int) -> None:
+    with tqdm(total=steps, unit="step", dynamic_ncols=True) as bar:
+        while run.status in ("starting", "running"):
+            bar.update(run.steps_done - bar.n)
+            time.sleep(0.2)
+        bar.update(run.steps_done - bar.n)
+
+
+def format_summary(run: Run) -> str:
+    width = max(len(k) for k in run.summary)
+    lines = [f"{key:<{width}}  {value}" for key, value in run.summary.items()]
+    return "\n".join(["", "summary", "-" * 40, *lines, f"{'folder':<{width}}  {run.path}"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Every test that starts workers proves none is left when it ends, also when
+it fails: no child process of this one, nothing in a worker's process group,
+and every port a run used free again."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from ddlkit import run as run_module
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def in_process_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(monkeypatch):
+    """Track every run the test starts; afterwards stop any still live and
+    assert that nothing of them is left."""
+    started: list[run_module.Run] = []
+    original = run_module.Run._supervise
+
+    def tracking(self, *args, **kwargs):
+        started.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "_supervise", tracking)
+    before = set(children_of(os.getpid()))
+    yield started
+    for run in started:
+        run.stop(timeout=15)
+    deadline = time.time() + 10
+    while time.time() < deadline and set(children_of(os.getpid())) - before:
+        time.sleep(0.1)
+    assert set(children_of(os.getpid())) - before == set(), "worker processes left behind"
+    for run in started:
+        assert run.status not in ("starting", "running"), f"run {run.id} still {run.status}"
+        for pid in run.pids:
+            assert in_process_group(pid) == [], f"processes left in worker group {pid}"
+        for port in run.ports:
+            assert port_is_free(port), f"port {port} still in use after run {run.id}"
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    return str(tmp_path / "runs")
+
+
+def assert_nothing_left(run_path) -> None:
+    """For runs started in another process (the CLI): the pids and ports that
+    run.json recorded are gone."""
+    import json
+
+    meta = json.loads((Path(run_path) / "run.json").read_text())
+    for pid in meta["pids"]:
+        assert in_process_group(pid) == [], f"processes left in worker group {pid}"
+    for port in meta["ports"]:
+        assert port_is_free(port)

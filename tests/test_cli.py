@@ -1,0 +1,85 @@
+"""The command line runs the same experiments, with a summary and clear errors."""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ddlkit
+
+from .conftest import assert_nothing_left
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ddlkit.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=180)
+
+
+def run_folder(output: str) -> Path:
+    return Path(re.search(r"^folder\s+(\S+)$", output, re.M).group(1))
+
+
+def test_run_from_flags_prints_a_summary(tmp_path):
+    done = cli("run", "--strategy", "data", "--world-size", "2", "--steps", "20", "--batch-size", "8", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^status\s+done$", done.stdout, re.M)
+    assert re.search(r"^steps\s+20$", done.stdout, re.M)
+    folder = tmp_path / run_folder(done.stdout)
+    assert len(ddlkit.load_run(folder).metrics) == 40
+    assert_nothing_left(folder)
+
+
+def test_run_from_yaml_with_an_override(tmp_path):
+    ddlkit.RunConfig(strategy="data", world_size=2, steps=50, batch_size=8).save(tmp_path / "exp.yaml")
+    done = cli("run", "exp.yaml", "--steps", "7", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / run_folder(done.stdout)
+    assert ddlkit.RunConfig.load(folder / "config.json").steps == 7
+    assert ddlkit.load_run(folder).summary["steps"] == 7
+
+
+def test_a_failing_run_exits_non_zero_with_the_culprit(tmp_path):
+    ddlkit.RunConfig(world_size=2, steps=30, batch_size=8, fault={"rank": 1, "step": 2, "kind": "exception"},
+                     ).save(tmp_path / "exp.yaml")
+    failed = cli("run", "exp.yaml", cwd=tmp_path)
+    assert failed.returncode == 1
+    assert "first failure: rank 1" in failed.stderr and "injected fault at step 2" in failed.stderr
+    assert_nothing_left(next((tmp_path / "runs").iterdir()))
+
+
+def test_a_bad_config_is_refused_before_anything_starts(tmp_path):
+    refused = cli("run", "--strategy", "data", "--world-size", "0", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "world_size=0 is invalid: it must be a positive integer" in refused.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_demo_writes_a_standalone_report(tmp_path):
+    done = cli("demo", "--steps", "30", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = tmp_path / run_folder(done.stdout) / "report.html"
+    html = report.read_text()
+    assert "plotly" in html and "throughput" in html and "mean loss" in html
+    assert not re.search(r"<script[^>]+src=", html)  # plotly.js embedded: opens offline
+
+
+def test_the_worker_runs_under_accelerate_launch(tmp_path):
+    """The cluster path: `accelerate launch -m ddlkit.worker cfg.yaml` (CPU
+    ranks need ACCELERATE_USE_CPU=1 and --multi_gpu, see FIELD-NOTES)."""
+    ddlkit.RunConfig(world_size=2, steps=10, batch_size=8, device="cpu").save(tmp_path / "exp.yaml")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(port), "-m", "ddlkit.worker", "exp.yaml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, env={**__import__("os").environ, "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr
+    (folder,) = (tmp_path / "runs").iterdir()
+    run = ddlkit.load_run(folder)
+    assert run.status == "done" and len(run.metrics) == 20
+    assert sorted(run.metrics["rank"].unique()) == [0, 1]
+    assert run.result().state_dict is not None

@@ -1,0 +1,109 @@
+"""ddlkit.launch: returns at once, forms one group, tags output, stays on loopback."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+import ddlkit
+from ddlkit import RunConfig
+from ddlkit.launch import _spawnable_name
+
+
+def _group_info(lines):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    ddlkit.log(step=0, distributed=str(accelerator.distributed_type), processes=accelerator.num_processes)
+    for i in range(lines):
+        print(f"line {i} of rank {accelerator.process_index} " + "x" * 200)
+
+
+def test_a_plain_accelerator_finds_one_group_of_n_on_cpu(runs_dir):
+    run = ddlkit.launch(_group_info, 0, num_processes=3, run_dir=runs_dir, echo=False).wait(timeout=60)
+    table = run.metrics
+    assert sorted(table["rank"]) == [0, 1, 2]
+    assert set(table["distributed"]) == {"DistributedType.MULTI_CPU"}
+    assert set(table["processes"]) == {3}
+
+
+def test_launch_returns_at_once(runs_dir):
+    for target, kwargs in [(RunConfig(steps=5, run_dir=runs_dir), {}),
+                           (_group_info, {"num_processes": 2, "run_dir": runs_dir})]:
+        args = (0,) if callable(target) else ()
+        started = time.perf_counter()
+        run = ddlkit.launch(target, *args, echo=False, **kwargs)
+        assert time.perf_counter() - started < 0.5
+        assert run.status in ("starting", "running")
+        run.wait(timeout=120)
+
+
+def test_output_arrives_tagged_by_rank_in_whole_lines(runs_dir):
+    lines = []
+    ddlkit.launch(_group_info, 300, num_processes=2, run_dir=runs_dir, echo=lines.append).wait(timeout=60)
+    for rank in (0, 1):
+        mine = [ln for ln in lines if ln.startswith(f"[rank {rank}] ")]
+        assert mine == [f"[rank {rank}] line {i} of rank {rank} " + "x" * 200 for i in range(300)]
+
+
+def test_a_function_given_by_name_runs_in_fresh_interpreters(runs_dir):
+    run = ddlkit.launch("ddlkit.examples:train_digits", 10, 16, num_processes=2, run_dir=runs_dir,
+                        echo=False).wait(timeout=120)
+    assert len(run.metrics) == 20
+    returns = run.result().returns
+    assert returns[0]["steps"] == returns[1]["steps"] == 10
+
+
+def _listening_addresses(port):
+    found = []
+    for line in open("/proc/net/tcp").read().splitlines()[1:] + open("/proc/net/tcp6").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.rsplit(":", 1)
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.append(address)
+    return found
+
+
+def _slow(seconds):
+    time.sleep(seconds)
+
+
+def test_ports_listen_on_loopback_only_and_strangers_are_refused(runs_dir):
+    run = ddlkit.launch(_slow, 3, num_processes=2, run_dir=runs_dir, echo=False)
+    for port in run.ports:
+        assert _listening_addresses(port) == ["0100007F"]  # 127.0.0.1, nothing else
+    # A local process without the run's token cannot inject events.
+    with socket.create_connection(("127.0.0.1", run.ports[1])) as intruder:
+        intruder.recv(32)
+        intruder.sendall(b"\x00\x00\x00\x00" + b"\x00" * 32)
+        assert intruder.recv(1) == b""  # closed on it
+    assert run.wait(timeout=60).status == "done"
+    assert run.metrics.empty
+
+
+def test_cuda_already_initialised_needs_an_importable_function(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+
+    def local_train():
+        pass
+
+    with pytest.raises(RuntimeError, match="restart the kernel .* or move the function into a module"):
+        _spawnable_name(local_train, (), "cuda")
+    from ddlkit.examples import train_digits
+
+    assert _spawnable_name(train_digits, (), "cuda") == "ddlkit.examples:train_digits"
+    assert _spawnable_name(local_train, (), "cpu") is None  # on CPU a fork is fine
+
+
+def test_bad_targets_are_refused_before_anything_starts(runs_dir):
+    with pytest.raises(TypeError, match="takes a RunConfig, a function"):
+        ddlkit.launch(42)
+    with pytest.raises(ValueError, match="'package.module:function'"):
+        ddlkit.launch("no_colon_here", run_dir=runs_dir)
+    with pytest.raises(TypeError, match="JSON values"):
+        ddlkit.launch("ddlkit.examples:train_digits", object(), run_dir=runs_dir)
+    with pytest.raises(TypeError, match="pass world_size in the config"):
+        ddlkit.launch(RunConfig(), num_processes=2)
