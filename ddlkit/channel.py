@@ -91,11 +91,11 @@ def connect(address: tuple[str, int], token: str, rank: int) -> Connection:
     return Connection(sock.detach())
 
 
-def send(conn: Connection, message: dict[str, Any]) -> None:
+def send(conn: Connection, message: Any) -> None:
     conn.send_bytes(json.dumps(message, default=_jsonable).encode())
 
 
-def recv(conn: Connection) -> dict[str, Any]:
+def recv(conn: Connection) -> Any:
     return json.loads(conn.recv_bytes())
 
 

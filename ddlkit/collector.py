@@ -160,7 +160,8 @@ class Collector:
         conn = self.connections[rank]
         try:
             for _ in range(MAX_MESSAGES_PER_READ):
-                self._handle(self.ranks[rank], channel.recv(conn), batch)
+                for event in channel.recv(conn):  # each message is a batch of events
+                    self._handle(self.ranks[rank], event, batch)
                 if not conn.poll(0):
                     break
         except (EOFError, OSError):

@@ -65,8 +65,8 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         stats = strategy.step(inputs, targets)
 
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            reporter.step(
-                step, loss=stats.loss.item(), samples=len(index), lr=cfg.lr,
+            reporter.step(  # the loss stays a tensor until sent: no sync in the step
+                step, loss=stats.loss, samples=len(index), lr=cfg.lr,
                 step_time=time.perf_counter() - step_start,
                 compute_s=stats.compute_s, comm_s=stats.comm_s, wait_s=wait_s,
             )
@@ -115,12 +115,12 @@ def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn
         returned = body(reporter)
         if dist.is_initialized():
             dist.destroy_process_group()
-        reporter.send({"type": "finished", **(returned if isinstance(returned, dict) else {})})
+        reporter.send({"type": "finished", **(returned if isinstance(returned, dict) else {})}, now=True)
         code = 0
     except SystemExit as exc:  # sys.exit(0) inside a user's function is a clean end
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 0:
-            reporter.send({"type": "finished"})
+            reporter.send({"type": "finished"}, now=True)
     except BaseException:
         text = traceback.format_exc()
         sys.stderr.write(text)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install ddlkit (editable) with its development tools into the active Python.
+# torch comes first: an installed torch is kept (a CUDA build stays a CUDA
+# build); without one, torch 2.13.0 is pinned, which on this project's machines
+# is a local CPU wheel; an unpinned torch would pull gigabytes of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! python3 -c "import torch" 2>/dev/null; then
+    python3 -m pip install "torch==2.13.0"
+fi
+python3 -m pip install -e ".[dev]"

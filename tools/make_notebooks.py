@@ -1,0 +1,74 @@
+"""Write the tutorial notebooks from the cell sources below (no outputs).
+
+Edit a notebook here, run `python tools/make_notebooks.py`, commit both.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def write(name: str, cells: list[tuple[str, str]]) -> None:
+    nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, NOTEBOOKS / name)
+
+
+DATA_PARALLEL = [
+    ("md", """# 01 · Data parallelism is large-batch training
+
+**The fact.** In data parallelism every rank holds the whole model and takes its
+own share of each global batch. After the backward pass the ranks average their
+gradients (an *all-reduce*), so every rank applies the same update. With
+`N` ranks of batch `B` the averaged gradient is the gradient of the mean loss
+over all `N·B` samples: the run is, step for step, **one process training with
+batch `N·B`**. Parallelism changes how fast the work is done, not what is
+computed.
+
+We check it: two ranks of batch 16 against one process of batch 32, on the same
+samples in the same order, plain SGD, same seed."""),
+    ("code", """import ddlkit
+
+base = ddlkit.RunConfig(model="mlp", dataset="digits", steps=40, lr=0.1, optimizer="sgd", seed=0, device="cpu")
+two_ranks = ddlkit.launch(base.replace(strategy="data", world_size=2, batch_size=16), echo=False)
+one_big_batch = ddlkit.launch(base.replace(strategy="single", world_size=1, batch_size=32), echo=False)
+two_ranks.status, one_big_batch.status   # both returned at once and train in the background"""),
+    ("md", """While they train the notebook is free. `run.metrics` is a table that grows
+as the ranks report. Now wait for both (a run must end before we assert on it)."""),
+    ("code", """two_ranks.wait(timeout=300)
+one_big_batch.wait(timeout=300)
+two_ranks.metrics.head()"""),
+    ("md", """Each rank logged its own loss on its own 16 samples; their mean is the loss of
+the 32-sample batch. The weights at the end are what matter:"""),
+    ("code", """data_weights = two_ranks.result().state_dict
+single_weights = one_big_batch.result().state_dict
+max_difference = max((data_weights[k] - single_weights[k]).abs().max().item() for k in data_weights)
+print(f"largest difference between any two weights: {max_difference:.2e}")
+assert max_difference < 1e-5"""),
+    ("md", """Agreement to float32 rounding. Is that because training barely moved the
+weights? A single process with batch **16** (the per-rank batch, not the global
+one) ends somewhere else entirely:"""),
+    ("code", """small_batch = ddlkit.launch(base.replace(strategy="single", world_size=1, batch_size=16), echo=False).wait(300)
+small_weights = small_batch.result().state_dict
+other_difference = max((small_weights[k] - single_weights[k]).abs().max().item() for k in small_weights)
+print(f"batch 16 vs batch 32: {other_difference:.2e}")
+assert other_difference > 1000 * max_difference"""),
+    ("md", """The price of the equivalence is communication: every step each rank waits for
+the all-reduce. The workers timed it:"""),
+    ("code", """timing = two_ranks.metrics.groupby("rank")[["compute_s", "comm_s"]].mean() * 1000
+print(timing.round(3).rename(columns=lambda c: c.replace("_s", " ms")))
+assert (two_ranks.metrics["comm_s"] > 0).all()
+mean_loss = two_ranks.metrics.groupby("step")["loss"].mean()
+single_loss = one_big_batch.metrics.set_index("step")["loss"]
+print(f"mean over ranks vs single-process loss, largest gap: {(mean_loss - single_loss).abs().max():.2e}")
+assert (mean_loss - single_loss).abs().max() < 1e-4"""),
+]
+
+if __name__ == "__main__":
+    write("01_data_parallel.ipynb", DATA_PARALLEL)
+    print("wrote", *sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")), file=sys.stderr)
