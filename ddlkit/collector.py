@@ -25,8 +25,10 @@ if TYPE_CHECKING:
     from .run import Run
 
 FAILURE_GRACE_S = 2.0  # after a first failure, time for the other ranks to report theirs
+STARTUP_GRACE_S = 60.0  # the least time a rank gets to make its first step
 STACK_DUMP_S = 1.0  # after a hang, time for the ranks to print their stacks
 DRAIN_S = 2.0  # after the last exit, longest wait for output still in flight
+GRACEFUL_STOP_S = 3.0  # after asking the ranks to stop, how long before they are killed
 SELECT_S = 0.1
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 
@@ -42,7 +44,10 @@ class Collector:
         self.hang_timeout = hang_timeout
         self.echo = (lambda line: print(line, flush=True)) if echo is True else (echo or None)
         self.stop_requested = False
+        self.graceful_stop = False  # the ranks were asked to stop at a step; kill only if they do not
         self.kill_at: float | None = None
+        self.controls: dict[str, Any] = {}  # the state every rank should have: sent again to late joiners
+        self._send_lock = threading.Lock()
         self.connections: dict[int, Connection] = {}
         self.outputs = outputs
         self.tails = {r.rank: deque(maxlen=50) for r in ranks}
@@ -100,7 +105,7 @@ class Collector:
                 state.returncode, state.ended_at = state.process.poll(), now
         if self.kill_at is None:
             if self.stop_requested:
-                self.kill_at = now
+                self.kill_at = now + (GRACEFUL_STOP_S if self.graceful_stop else 0.0)
             elif any(r.failed for r in self.ranks):
                 self.kill_at = now + FAILURE_GRACE_S
             else:
@@ -111,10 +116,13 @@ class Collector:
                     kill_group(state.process.pid)
 
     def _detect_hang(self, now: float) -> None:
-        if self.hang_timeout is None:
+        if self.hang_timeout is None or self.controls.get("paused"):
             return
         live = [r for r in self.ranks if r.returncode is None and not r.finished]
-        hung = [r for r in live if now - r.progress_at > self.hang_timeout]
+        # Before its first step a rank is starting up (imports, CUDA, data),
+        # which can take longer than any step.
+        hung = [r for r in live if now - r.progress_at > (
+            self.hang_timeout if r.last_step >= 0 else max(self.hang_timeout, STARTUP_GRACE_S))]
         if hung:
             for state in hung:
                 state.hung = True
@@ -141,6 +149,23 @@ class Collector:
         for log in self._logs.values():
             log.close()
 
+    # ---- controls (called from the kernel's thread) ------------------------
+    def send_control(self, changes: dict[str, Any]) -> None:
+        if changes.get("paused") is False:  # time spent paused is not a hang
+            for state in self.ranks:
+                state.progress_at = time.time()
+        self.controls.update(changes)
+        self.run._record([{"type": "control_request", "time": time.time(), **_jsonable_controls(changes)}])
+        for rank, conn in list(self.connections.items()):
+            self._send(rank, conn, {"type": "control", **changes})
+
+    def _send(self, rank: int, conn: Connection, message: dict[str, Any]) -> None:
+        try:
+            with self._send_lock:
+                channel.send(conn, _jsonable_controls(message))
+        except OSError:  # the rank is gone; supervision deals with it
+            pass
+
     # ---- reading ----------------------------------------------------------
     def _accept(self, batch: list[dict[str, Any]]) -> None:
         accepted = self.server.accept()
@@ -153,6 +178,8 @@ class Collector:
         self.connections[rank] = conn
         self.ranks[rank].connected = True
         self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
+        if self.controls:  # changes made before this rank connected
+            self._send(rank, conn, {"type": "control", **self.controls})
         if all(r.connected for r in self.ranks):
             self.run._set_status("running")
 
@@ -214,3 +241,10 @@ class Collector:
         stream = self.outputs.pop(rank)
         self.selector.unregister(stream)
         stream.close()
+
+
+def _jsonable_controls(message: dict[str, Any]) -> dict[str, Any]:
+    """JSON keys are strings: the slowdown map travels as {"1": 3.0}."""
+    if "slowdown" in message:
+        return {**message, "slowdown": {str(r): f for r, f in message["slowdown"].items()}}
+    return message

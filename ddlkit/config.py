@@ -51,7 +51,8 @@ class RunConfig:
     device: str = "auto"
     log_every: int = 1
     run_dir: str = "runs"
-    # A rank that makes no step for this many seconds is declared hung.
+    # A rank that makes no step for this many seconds is declared hung (its
+    # first step gets at least 60 s: start-up can be slow).
     hang_timeout: float = 120.0
     # Teaching and testing: make one rank fail on purpose, e.g.
     # {"rank": 1, "step": 5, "kind": "exception"}; kind is one of FAULT_KINDS.

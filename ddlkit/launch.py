@@ -157,7 +157,7 @@ def fork_worker(rank: int, env: dict[str, str], function: Callable[..., Any], ar
     pid = os.fork()
     if pid == 0:  # the child; it never returns
         try:
-            os.setsid()
+            os.setpgid(0, 0)  # also done by the parent below: whoever runs first, no window
             for fd in [*kernel_fds, read_fd]:
                 os.close(fd)
             os.dup2(write_fd, 1)
@@ -171,6 +171,10 @@ def fork_worker(rank: int, env: dict[str, str], function: Callable[..., Any], ar
             serve(rank, run_path, run_function(function, args, rank, run_path))
         finally:
             os._exit(1)
+    try:
+        os.setpgid(pid, pid)  # its own process group before launch() returns: an interrupt cannot reach it
+    except ProcessLookupError:  # it already ended; supervision reports how
+        pass
     os.close(write_fd)
     return ForkedProcess(pid), os.fdopen(read_fd, "rb", buffering=0)
 

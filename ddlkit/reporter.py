@@ -57,7 +57,14 @@ class Reporter:
         self.last_step = -1
         self._flushed_at = 0.0
         self._parent = os.getppid()
+        self._closing = False
+        # The latest controls from the kernel (ddlkit.control applies them).
+        self.controls: dict[str, Any] = {}
+        self.control_version = 0
+        self.control_changed = threading.Event()
         threading.Thread(target=self._flush_and_beat, name="ddlkit-reporter", daemon=True).start()
+        if conn is not None:
+            threading.Thread(target=self._receive, name="ddlkit-controls", daemon=True).start()
 
     @classmethod
     def from_env(cls, rank: int, run_dir: Path) -> "Reporter":
@@ -102,6 +109,7 @@ class Reporter:
                 self._file.flush()
 
     def close(self) -> None:
+        self._closing = True
         self.flush()
         with self._lock:
             if self._conn is not None:
@@ -128,3 +136,19 @@ class Reporter:
                 self.flush()
             except (OSError, ValueError):  # kernel gone, or closed at exit
                 os._exit(1)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                message = channel.recv(self._conn)
+            except (EOFError, OSError, AttributeError):  # the kernel went away, or we closed
+                if not self._closing:
+                    os._exit(1)
+                return
+            if message.get("type") == "control":
+                changes = {k: v for k, v in message.items() if k != "type"}
+                if "slowdown" in changes:  # JSON made the ranks strings
+                    changes["slowdown"] = {int(r): f for r, f in changes["slowdown"].items()}
+                self.controls = {**self.controls, **changes}
+                self.control_version += 1
+                self.control_changed.set()

@@ -115,12 +115,45 @@ class Run:
         return self
 
     def stop(self, timeout: float = 10.0) -> "Run":
-        """End every worker now; the run ends 'stopped' (never 'done'), keeping
-        everything recorded so far."""
+        """End the run; it ends 'stopped' (never 'done'), keeping everything
+        recorded so far. A built-in experiment's ranks stop together at a step
+        and save their state; any rank still running after 3 s (and a
+        function's ranks at once) is killed."""
         if self._collector is not None and not self._ended.is_set():
+            if self.meta.get("target") == "config":
+                self._collector.send_control({"stop": True})
+                self._collector.graceful_stop = True
             self._collector.stop_requested = True
             self._ended.wait(timeout)
         return self
+
+    def control(self, **changes: Any) -> None:
+        """Change a running built-in experiment; every rank applies the change
+        at the same step, within about 0.1 s of training.
+
+        ``lr=0.01``, ``paused=True`` / ``False``, ``slowdown={1: 3.0}`` (rank 1
+        takes three times as long per step; ``{1: 1}`` to undo).
+        """
+        from .control import check
+
+        check(changes)
+        for rank in changes.get("slowdown", {}):
+            if not 0 <= rank < self.world_size:
+                raise ValueError(f"slowdown rank {rank} is invalid: valid ranks are 0..{self.world_size - 1}")
+        if self.meta.get("target") != "config":
+            raise RuntimeError("live controls act on built-in experiments (a RunConfig), not on a launched function")
+        if self._collector is None or self._ended.is_set():
+            raise RuntimeError(f"run {self.id} is {self.status}: there is nothing to control")
+        self._collector.send_control(changes)
+
+    def set_lr(self, lr: float) -> None:
+        self.control(lr=lr)
+
+    def pause(self) -> None:
+        self.control(paused=True)
+
+    def resume(self) -> None:
+        self.control(paused=False)
 
     def result(self) -> Result:
         """The final model state (full, on CPU), the summary, and what each

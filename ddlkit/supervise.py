@@ -1,7 +1,7 @@
 """Supervising worker processes: how they ended, who failed first, and ending
 them all.
 
-Each worker runs in its own session (process group), so a Jupyter interrupt
+Each worker leads its own process group (a session, when spawned), so a Jupyter interrupt
 (SIGINT to the kernel's group) never reaches it and one ``killpg`` ends the
 worker together with anything it started.
 """

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
+from .control import ControlSync
 from .data import ShardedStream, load_dataset
 from .models import build_model
 from .reporter import Reporter
@@ -50,10 +51,21 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     dataset = load_dataset(cfg.dataset, cfg.seed, cfg.seq_len)
     model = build_model(cfg.model, dataset, cfg.hidden, cfg.seq_len)
     strategy = build_strategy(cfg, accelerator, model, dataset.task)
-    shard = ShardedStream(len(dataset), cfg.batch_size, rank, world_size, cfg.seed)
+    # Data is sharded over the data-parallel ranks: ranks of one model replica
+    # (pipeline stages, tensor shards) see the same batch.
+    shard = ShardedStream(len(dataset), cfg.batch_size, strategy.dp_rank, strategy.dp_size, cfg.seed)
+    controls = ControlSync(reporter, rank, world_size)
+    lr = cfg.lr
 
     started = time.perf_counter()
+    steps_done = 0
     for step in range(cfg.steps):
+        live = controls.at_step(step)  # the same on every rank, at the same step
+        if live.stop:
+            break
+        if live.lr is not None and live.lr != lr:
+            lr = live.lr
+            strategy.set_lr(lr)
         step_start = time.perf_counter()
         index = shard.indices(step)
         inputs = dataset.inputs[index].to(accelerator.device)
@@ -63,10 +75,14 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         if cfg.fault and cfg.fault["rank"] == rank and cfg.fault["step"] == step:
             inject_fault(cfg.fault["kind"], step)
         stats = strategy.step(inputs, targets)
+        slowdown = live.slowdown_of(rank)
+        if slowdown > 1:  # a straggler, for teaching: this rank's work takes `slowdown` times as long
+            time.sleep((slowdown - 1) * (time.perf_counter() - step_start))
+        steps_done = step + 1
 
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             reporter.step(  # the loss stays a tensor until sent: no sync in the step
-                step, loss=stats.loss, samples=len(index), lr=cfg.lr,
+                step, loss=stats.loss, samples=len(index), lr=lr,
                 step_time=time.perf_counter() - step_start,
                 compute_s=stats.compute_s, comm_s=stats.comm_s, wait_s=wait_s,
             )
@@ -77,7 +93,8 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     state = strategy.full_state_dict()
     if rank == 0:
         save_atomic(state, run_dir / "final_state.pt")
-    return {"steps": cfg.steps, "samples": cfg.steps * cfg.batch_size * world_size, "train_s": train_s}
+    return {"steps": steps_done, "samples": steps_done * cfg.batch_size * strategy.dp_size, "train_s": train_s,
+            "stopped": steps_done < cfg.steps}
 
 
 def inject_fault(kind: str, step: int) -> None:

@@ -121,8 +121,9 @@ def test_stop_ends_the_run_as_stopped_keeping_its_rows(runs_dir):
 def test_an_interrupt_during_wait_stops_the_run_never_done(runs_dir):
     run = ddlkit.launch(_long_function, num_processes=2, run_dir=runs_dir, echo=False)
     # Jupyter's interrupt is SIGINT to the kernel's whole process group: the
-    # workers lead sessions of their own, so it never reaches them...
-    assert all(os.getsid(pid) == pid != os.getsid(0) for pid in run.pids)
+    # workers lead groups of their own from the moment launch() returns, so it
+    # never reaches them...
+    assert all(os.getpgid(pid) == pid != os.getpgid(0) for pid in run.pids)
     # ... and in the kernel it arrives during wait().
     threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGINT)).start()
     started = time.time()

@@ -3,7 +3,18 @@
 A strategy receives the model and what it needs to parallelise it (the
 accelerator, later process groups or a device mesh), wraps the model, and does
 one training step. Adding a parallelism means adding one module here and one
-line to ``STRATEGIES``.
+line to ``build_strategy``.
+
+What the training loop (``ddlkit.worker.train``) asks of a strategy:
+
+- ``dp_rank``, ``dp_size``: this rank's place among the data-parallel
+  replicas; the loop shards data by them (pipeline stages or tensor shards of
+  one replica see the same batch).
+- ``step(inputs, targets) -> StepStats``: one optimizer step on this rank's
+  batch (the global batch of a replica is ``batch_size`` samples).
+- ``set_lr(lr)``: change the learning rate (all ranks do it at the same step).
+- ``full_state_dict()``: called on every rank (it may gather); rank 0's return
+  is the full model state on CPU, saved as the run's result.
 """
 from __future__ import annotations
 

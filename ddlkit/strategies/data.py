@@ -37,6 +37,7 @@ class DataParallel:
         self.accelerator = accelerator
         self.task = task
         self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
+        self.dp_rank, self.dp_size = accelerator.process_index, accelerator.num_processes
         self.comm = CommTimer()
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             self.model.register_comm_hook(state=None, hook=self.comm.hook)
