@@ -197,12 +197,13 @@ class Run:
         self._collector.start()
 
     def _record(self, events: list[dict[str, Any]]) -> None:
+        """Called by the collector thread, and by the kernel's thread for control requests."""
         lines = "".join(json.dumps(event) + "\n" for event in events)
         with self._lock:
             self._add(events)
-        if self._log is not None:
-            self._log.write(lines)
-            self._log.flush()
+            if self._log is not None:
+                self._log.write(lines)
+                self._log.flush()
 
     def _add(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)
@@ -221,8 +222,10 @@ class Run:
         self._error = error
         self.summary = self._summarise(status, time.time())
         _write_json(self.path / "summary.json", self.summary)
-        if self._log is not None:
-            self._log.close()
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
         self._status = status
         with _live_lock:
             _live_runs.discard(self)
