@@ -15,6 +15,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 def write(name: str, cells: list[tuple[str, str]]) -> None:
     nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+    for number, cell in enumerate(nb.cells):  # stable ids: regenerating leaves unchanged notebooks unchanged
+        cell.id = f"cell-{number}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, NOTEBOOKS / name)
 
