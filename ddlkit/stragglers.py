@@ -2,8 +2,8 @@
 
 Three knobs of ``RunConfig``, applied after a rank's work in each step:
 
-- ``slowdown={rank: factor}``: the step's work takes ``factor`` times as long
-  (sleep ``(factor - 1) x`` the time the work took). It is the initial value of
+- ``slowdown={rank: factor}``: the step's work (with the delays below) takes
+  ``factor`` times as long. It is the initial value of
   the live ``slowdown`` control: ``run.control(slowdown={1: 1.0})`` heals rank 1.
 - ``delay_s={rank: seconds}``: a fixed pause per step, a scripted schedule that
   makes arrival orders predictable (the staleness tests use it).
@@ -20,10 +20,11 @@ from .control import Controls
 
 
 class Straggler:
-    """>>> s = Straggler(RunConfig(delay_s={0: 0.01}), rank=0, reporter=None)
-    >>> started = time.perf_counter(); s.delay(Controls(), started)
-    >>> time.perf_counter() - started >= 0.01
-    True
+    """One rank's pauses.
+
+    >>> straggler = Straggler(RunConfig(delay_s={0: 0.01}), rank=0, reporter=None)
+    >>> round(straggler.delay(Controls(slowdown={0: 3.0}), time.perf_counter()), 2)  # 3 x 0.01 s of work
+    0.03
     """
 
     def __init__(self, cfg: RunConfig, rank: int, reporter) -> None:
@@ -36,9 +37,9 @@ class Straggler:
 
     def delay(self, live: Controls, work_started: float) -> float:
         """Pause as this rank's stragglers say; returns the seconds paused."""
-        pause = (live.slowdown_of(self.rank) - 1) * (time.perf_counter() - work_started) + self.fixed_s
-        if self.jitter_s:
-            pause += self.random.expovariate(1 / self.jitter_s)
+        elapsed = time.perf_counter() - work_started
+        work = elapsed + self.fixed_s + (self.random.expovariate(1 / self.jitter_s) if self.jitter_s else 0.0)
+        pause = work * live.slowdown_of(self.rank) - elapsed  # the factor scales the scripted delays too
         if pause > 0:
             time.sleep(pause)
         return max(pause, 0.0)

@@ -47,7 +47,7 @@ def shard_parameters(sizes: list[int], servers: int) -> list[list[int]]:
     """Parameter indices per server: biggest first onto the least loaded.
 
     >>> shard_parameters([100, 10, 60, 50], 2)
-    [[0], [1, 2, 3]]
+    [[0, 1], [2, 3]]
     """
     load, shards = [0] * servers, [[] for _ in range(servers)]
     for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -80,6 +80,7 @@ class ParameterServer:
                 group["lr"] = lr
 
     def run(self, dataset, shard, controls, straggler, reporter, run_dir: Path) -> dict[str, Any]:
+        dist.barrier()  # start together (ranks finish starting up at different times): scripted delays stay exact
         if self.is_server:
             return self.serve(controls, reporter, run_dir)
         return self.work(dataset, shard, controls, straggler, reporter)
@@ -150,7 +151,7 @@ class ParameterServer:
             save_atomic(state, run_dir / "final_state.pt")
         steps = max(steps_of.values())
         return {"steps": steps, "samples": sum(steps_of.values()) * cfg.batch_size, "train_s": train_s,
-                "stopped": steps < cfg.steps, "versions": version}
+                "stopped": steps < cfg.steps}
 
     def apply(self, gradients: list[tuple[int, torch.Tensor]]) -> None:
         """One optimizer step with the mean of these (staleness, flat gradient)
