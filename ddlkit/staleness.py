@@ -108,3 +108,13 @@ def loss_vs_time(runs: dict[str, "Run"]) -> list[go.Scatter]:
         smooth = rows["loss"].rolling(max(1, run.world_size), min_periods=1).mean()
         out.append(go.Scatter(x=rows["time"], y=smooth, mode="lines", name=label))
     return out
+
+
+def throughput_while_all_work(run: "Run") -> float:
+    """Samples per second summed over workers, from the start until the first
+    worker has done all its steps (after that a straggler finishes alone, and
+    any mode is as slow as it). Needs a row per step (``log_every=1``)."""
+    rows = run.metrics
+    start = (rows["time"] - rows["step_time"]).min()
+    first_done = rows.groupby("rank")["time"].max().min()
+    return float(rows.loc[rows["time"] <= first_done, "samples"].sum() / (first_done - start))
