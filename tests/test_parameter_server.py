@@ -59,15 +59,16 @@ def test_ssp_never_applies_an_update_staler_than_the_bound(runs_dir):
 
 
 def test_scripted_delays_give_the_staleness_computed_by_hand(runs_dir):
-    """async, worker 1 pushes every 0.3 s, worker 2 every 0.75 s (plus a few ms
-    of work). Pushes arrive at 0.3 (w1 s0), 0.6 (w1 s1), 0.75 (w2 s0), 0.9 (w1 s2),
-    1.2 (w1 s3), 1.5 (w2 s1), 2.25 (w2 s2), 3.0 (w2 s3); the server version counts
-    applied updates and a worker reads the version its reply carries:
+    """async, worker 1 pushes every 0.4 s, worker 2 every 1.0 s (plus a few ms
+    of work; the closest arrivals are 0.2 s apart). Pushes arrive at 0.4 (w1 s0),
+    0.8 (w1 s1), 1.0 (w2 s0), 1.2 (w1 s2), 1.6 (w1 s3), 2.0 (w2 s1), 3.0 (w2 s2),
+    4.0 (w2 s3); the server version counts applied updates and a worker reads the
+    version its reply carries:
       w1 s0 reads 0, applied at 0 -> 0    w1 s1 reads 1, applied at 1 -> 0
       w2 s0 reads 0, applied at 2 -> 2    w1 s2 reads 2, applied at 3 -> 1
       w1 s3 reads 4, applied at 4 -> 0    w2 s1 reads 3, applied at 5 -> 2
       w2 s2 reads 6, applied at 6 -> 0    w2 s3 reads 7, applied at 7 -> 0"""
-    run = _train(runs_dir, sync="async", steps=4, delay_s={1: 0.3, 2: 0.75})
+    run = _train(runs_dir, sync="async", steps=4, delay_s={1: 0.4, 2: 1.0})
     expected = [(1, 0, 0, 0), (1, 1, 1, 1), (2, 0, 0, 2), (1, 2, 2, 3),
                 (1, 3, 4, 4), (2, 1, 3, 5), (2, 2, 6, 6), (2, 3, 7, 7)]
     recorded = [(e["worker"], e["step"], e["read_version"], e["applied_version"]) for e in _updates(run)]
@@ -81,7 +82,7 @@ def test_scripted_delays_give_the_staleness_computed_by_hand(runs_dir):
 def test_staleness_limit_drops_old_gradients(runs_dir):
     """The script above with max_staleness=1: w2 s0 (staleness 2) is dropped;
     w2 s1 then reads 2 and arrives after w1's two last updates: staleness 2, dropped."""
-    run = _train(runs_dir, sync="async", steps=4, delay_s={1: 0.3, 2: 0.75}, max_staleness=1)
+    run = _train(runs_dir, sync="async", steps=4, delay_s={1: 0.4, 2: 1.0}, max_staleness=1)
     updates = _updates(run)
     dropped = [e for e in updates if e["dropped"]]
     # the two staleness-2 gradients of the script above are dropped, and a
