@@ -103,9 +103,9 @@ for sync in ("bsp", "async", "ssp"):   # one after the other: they must not shar
     ("code", """rate = {sync: staleness.throughput_while_all_work(run) for sync, run in runs.items()}
 for sync, value in rate.items():
     print(f"{sync:>5}: {value:7.0f} samples/s   ({value / rate['bsp']:.2f}x bsp)")
-fast_done = {sync: run.metrics[run.metrics["rank"] == 1]["time"].agg(lambda t: t.max() - t.min())
+fast_done = {sync: round(float(run.metrics[run.metrics["rank"] == 1]["time"].agg(lambda t: t.max() - t.min())), 2)
              for sync, run in runs.items()}
-print("fast worker's 40 steps took", {k: round(v, 2) for k, v in fast_done.items()}, "s")
+print("fast worker's 40 steps took", fast_done, "s")
 assert rate["async"] > 1.3 * rate["bsp"]        # ideal: 2x (20 ms + 60 ms workers vs 60 ms lockstep)
 assert fast_done["async"] < 0.6 * fast_done["bsp"]"""),
     ("md", """**Staleness.** Every update the server applied is an `update` event. bsp is
@@ -125,10 +125,12 @@ assert (tables["bsp"]["staleness"] == 0).all()
 assert tables["ssp"]["staleness"].max() <= 2
 assert straggler_while_both_work(tables["async"]).mean() >= 2 and tables["async"]["staleness"].max() > 2
 staleness.figure(runs["async"])"""),
-    ("md", """**Loss.** Per step, a stale gradient points where the loss *was*. Against wall
-time async gets its updates in sooner; whether its loss per step suffers depends
-on how far the weights move between read and apply (learning rate, staleness).
-Here is loss against wall time for the three, overlaid:"""),
+    ("md", """**Loss.** A stale gradient points where the loss *was*, not where it is. Against
+wall time async is ahead: it applies about twice as many updates per second.
+Whether staleness costs loss per update depends on how far the weights move
+between read and apply (learning rate times staleness); at this small learning
+rate the cost is below the run-to-run noise, so we assert only that all three
+learn. Loss against wall time, overlaid:"""),
     ("code", """import plotly.graph_objects as go
 
 fig = go.Figure(staleness.loss_vs_time(runs))
