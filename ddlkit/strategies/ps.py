@@ -107,7 +107,7 @@ class ParameterServer:
             head = torch.tensor([version, staleness, float(dropped)])
             dist.send(torch.cat([head, *[p.detach().flatten() for p in mine]]), dst=worker)
 
-        while len(done) < len(self.workers):
+        while len(done) < len(self.workers):  # a stop reaches the workers; each then says it is done
             live = controls.at_step(version)
             if live.lr is not None and live.lr != self.lr:
                 self.set_lr(live.lr)
