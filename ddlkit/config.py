@@ -14,12 +14,13 @@ from typing import Any
 
 import yaml
 
-STRATEGIES = ("single", "data")
+STRATEGIES = ("single", "data", "ps", "hogwild")
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 FAULT_KINDS = ("exception", "exit", "sigkill", "hang")
+SYNC_MODES = ("bsp", "async", "ssp")  # parameter-server consistency (ddlkit.strategies.ps)
 
 # Which model can learn which dataset: cnn needs images, lm needs text.
 COMPATIBLE = {
@@ -60,6 +61,29 @@ class RunConfig:
     # Model size knobs, read by ddlkit.models.
     hidden: int = 128
     seq_len: int = 32
+    # Stragglers (every strategy): slow chosen ranks by a factor, e.g. {1: 3.0}
+    # (live: run.control(slowdown=...)); add fixed seconds per step to chosen
+    # ranks, e.g. {2: 0.3} (a scripted schedule); add a random exponential
+    # delay of this mean to every rank's steps (seeded by seed and rank).
+    slowdown: dict[int, float] | None = None
+    delay_s: dict[int, float] | None = None
+    delay_jitter_s: float = 0.0
+    # Parameter server (strategy "ps"): ranks 0..servers-1 serve parameter
+    # shards, the others are workers. sync: bsp, async, or ssp with a worker at
+    # most staleness_bound steps ahead of the slowest. staleness_lr divides a
+    # gradient by its staleness; max_staleness (async) drops older gradients.
+    servers: int = 1
+    sync: str = "async"
+    staleness_bound: int = 1
+    staleness_lr: bool = False
+    max_staleness: int | None = None
+
+    def __post_init__(self) -> None:
+        # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
+        for name in ("slowdown", "delay_s"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()})
 
     # ---- validation -------------------------------------------------------
     def validate(self) -> None:
@@ -87,6 +111,8 @@ class RunConfig:
             )
         self._validate_device()
         self._validate_fault()
+        self._validate_stragglers()
+        self._validate_parameter_server()
 
     def _validate_device(self) -> None:
         if self.device == "cpu":
@@ -113,6 +139,37 @@ class RunConfig:
         if not 0 <= int(self.fault["step"]) < self.steps:
             raise ValueError(f"fault step={self.fault['step']!r} is invalid: valid steps are 0..{self.steps - 1}")
         _one_of("fault kind", self.fault["kind"], FAULT_KINDS)
+
+    def _validate_stragglers(self) -> None:
+        for name, smallest, meaning in (("slowdown", 1, "a factor >= 1"), ("delay_s", 0, "seconds >= 0")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            valid = f"a dict {{rank: {meaning}}} with ranks 0..{self.world_size - 1}"
+            if not isinstance(value, dict) or not all(
+                    isinstance(r, int) and 0 <= r < self.world_size and isinstance(f, (int, float))
+                    and not isinstance(f, bool) and f >= smallest for r, f in value.items()):
+                raise ValueError(f"{name}={value!r} is invalid: it must be {valid}")
+        if not isinstance(self.delay_jitter_s, (int, float)) or not self.delay_jitter_s >= 0:
+            raise ValueError(f"delay_jitter_s={self.delay_jitter_s!r} is invalid: it must be seconds >= 0")
+
+    def _validate_parameter_server(self) -> None:
+        _one_of("sync", self.sync, SYNC_MODES)
+        _positive_int("servers", self.servers)
+        if not isinstance(self.staleness_bound, int) or isinstance(self.staleness_bound, bool) or self.staleness_bound < 0:
+            raise ValueError(f"staleness_bound={self.staleness_bound!r} is invalid: it must be an integer >= 0")
+        if self.max_staleness is not None:
+            if not isinstance(self.max_staleness, int) or isinstance(self.max_staleness, bool) or self.max_staleness < 0:
+                raise ValueError(f"max_staleness={self.max_staleness!r} is invalid: it must be None or an integer >= 0")
+            if self.sync != "async":
+                raise ValueError(f"max_staleness={self.max_staleness} is invalid with sync={self.sync!r}: "
+                                 "bsp and ssp bound staleness already; valid only with sync='async'")
+        if self.strategy == "ps" and self.servers >= self.world_size:
+            raise ValueError(f"servers={self.servers} is invalid with world_size={self.world_size}: "
+                             f"at least one rank must be a worker; valid: 1..{self.world_size - 1}")
+        if self.strategy in ("ps", "hogwild") and self.resolved_device() != "cpu":
+            raise ValueError(f"strategy={self.strategy!r} is invalid on device='cuda': it runs on CPU processes "
+                             "(any-source recv, shared memory); valid: device='cpu'")
 
     def resolved_device(self) -> str:
         """'cpu' or 'cuda': what 'auto' means on this machine."""

@@ -60,10 +60,13 @@ class ControlSync:
     """The worker's side: call :meth:`at_step` at the start of every step on
     every rank; it returns the controls in force for that step."""
 
-    def __init__(self, reporter, rank: int, world_size: int):
+    def __init__(self, reporter, rank: int, world_size: int, collective: bool = True):
         self.reporter = reporter
         self.rank = rank
-        self.distributed = world_size > 1 and dist.is_initialized()
+        # collective=False (parameter servers, hogwild: ranks not in lockstep, a
+        # broadcast would deadlock or serialise them): every rank adopts the
+        # controls it received itself; rank 0 still reports the change.
+        self.distributed = collective and world_size > 1 and dist.is_initialized()
         self.current = Controls()
         self._step_started: tuple[int, float] | None = None
 
@@ -83,7 +86,7 @@ class ControlSync:
     def _agree(self, step: int, wait: float = 0.0) -> Controls:
         """Rank 0's view of the controls, the same on every rank."""
         proposal = None
-        if self.rank == 0:
+        if self.rank == 0 or not self.distributed:
             if wait:
                 self.reporter.control_changed.wait(wait)
             self.reporter.control_changed.clear()

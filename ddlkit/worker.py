@@ -33,6 +33,7 @@ from .control import ControlSync
 from .data import ShardedStream, load_dataset
 from .models import build_model
 from .reporter import Reporter
+from .stragglers import Straggler
 from .strategies import build_strategy
 
 
@@ -54,6 +55,10 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     # Data is sharded over the data-parallel ranks: ranks of one model replica
     # (pipeline stages, tensor shards) see the same batch.
     shard = ShardedStream(len(dataset), cfg.batch_size, strategy.dp_rank, strategy.dp_size, cfg.seed)
+    straggler = Straggler(cfg, rank, reporter)
+    if hasattr(strategy, "run"):  # not lockstep (parameter servers): the strategy owns its loop
+        return strategy.run(dataset, shard, ControlSync(reporter, rank, world_size, collective=False),
+                            straggler, reporter, run_dir)
     controls = ControlSync(reporter, rank, world_size)
     lr = cfg.lr
 
@@ -75,9 +80,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         if cfg.fault and cfg.fault["rank"] == rank and cfg.fault["step"] == step:
             inject_fault(cfg.fault["kind"], step)
         stats = strategy.step(inputs, targets)
-        slowdown = live.slowdown_of(rank)
-        if slowdown > 1:  # a straggler, for teaching: this rank's work takes `slowdown` times as long
-            time.sleep((slowdown - 1) * (time.perf_counter() - step_start))
+        straggler.delay(live, step_start)  # a straggler, for teaching (slowdown, delay_s, delay_jitter_s)
         steps_done = step + 1
 
         if step % cfg.log_every == 0 or step == cfg.steps - 1:

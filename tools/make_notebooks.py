@@ -71,6 +71,102 @@ print(f"mean over ranks vs single-process loss, largest gap: {(mean_loss - singl
 assert (mean_loss - single_loss).abs().max() < 1e-4"""),
 ]
 
+ASYNC_PARAMETER_SERVER = [
+    ("md", """# 04 · Asynchronous training trades fresh gradients for speed
+
+**The fact.** A parameter server holds the weights; workers pull them, compute a
+gradient on their own data, and push it back. How long may a worker run on old
+weights?
+
+- **bsp** (bulk synchronous): the server waits for every worker each step. Nobody
+  is ever stale, and everybody moves at the pace of the slowest worker.
+- **async**: every gradient is applied the moment it arrives. Fast workers never
+  wait, but a gradient may have been computed on weights that have changed
+  since: its **staleness** is how many updates it missed
+  (server version when applied minus the version the worker read).
+- **ssp** (stale synchronous, bound `s`): a worker may run at most `s` steps
+  ahead of the slowest, so staleness never exceeds `s`.
+
+We make the trade visible with one **3x straggler**: rank 0 is the server, ranks 1
+and 2 are workers, each step's work takes 20 ms (`delay_s`) and rank 2 is three
+times slower (`slowdown`, which `run.control(slowdown=...)` also changes live)."""),
+    ("code", """import ddlkit
+from ddlkit import staleness
+
+base = ddlkit.RunConfig(strategy="ps", world_size=3, model="mlp", dataset="digits", hidden=32, steps=40,
+                        batch_size=16, lr=0.1, optimizer="sgd", device="cpu",
+                        delay_s={1: 0.02, 2: 0.02}, slowdown={2: 3.0})
+runs = {}
+for sync in ("bsp", "async", "ssp"):   # one after the other: they must not share the CPU while timed
+    runs[sync] = ddlkit.launch(base.replace(sync=sync, staleness_bound=2), echo=False).wait(timeout=300)
+{sync: run.status for sync, run in runs.items()}"""),
+    ("md", """**Speed.** Samples per second over both workers, while both are still working
+(after the fast one is done, the straggler finishes alone in any mode):"""),
+    ("code", """rate = {sync: staleness.throughput_while_all_work(run) for sync, run in runs.items()}
+for sync, value in rate.items():
+    print(f"{sync:>5}: {value:7.0f} samples/s   ({value / rate['bsp']:.2f}x bsp)")
+fast_done = {sync: round(float(run.metrics[run.metrics["rank"] == 1]["time"].agg(lambda t: t.max() - t.min())), 2)
+             for sync, run in runs.items()}
+print("fast worker's 40 steps took", fast_done, "s")
+assert rate["async"] > 1.3 * rate["bsp"]        # ideal: 2x (20 ms + 60 ms workers vs 60 ms lockstep)
+assert fast_done["async"] < 0.6 * fast_done["bsp"]"""),
+    ("md", """**Staleness.** Every update the server applied is an `update` event. bsp is
+never stale, ssp stays within its bound, async lets it grow: while both work,
+the straggler's gradients arrive after the fast worker has moved the weights
+about three times (once the fast worker is done, the straggler is alone and fresh)."""),
+    ("code", """tables = {sync: staleness.staleness_table(run) for sync, run in runs.items()}
+
+def straggler_while_both_work(table):
+    fast_done = table[table["worker"] == 1]["time"].max()
+    return table[(table["worker"] == 2) & (table["time"] <= fast_done)]["staleness"]
+
+for sync, table in tables.items():
+    print(f"{sync:>5}: max {table['staleness'].max()}, mean {table['staleness'].mean():.2f}, "
+          f"straggler's mean while both work {straggler_while_both_work(table).mean():.2f}")
+assert (tables["bsp"]["staleness"] == 0).all()
+assert tables["ssp"]["staleness"].max() <= 2
+assert straggler_while_both_work(tables["async"]).mean() >= 2 and tables["async"]["staleness"].max() > 2
+staleness.figure(runs["async"])"""),
+    ("md", """**Loss.** A stale gradient points where the loss *was*, not where it is. Against
+wall time async is ahead: it applies about twice as many updates per second.
+Whether staleness costs loss per update depends on how far the weights move
+between read and apply (learning rate times staleness); at this small learning
+rate the cost is below the run-to-run noise, so we assert only that all three
+learn. Loss against wall time, overlaid:"""),
+    ("code", """import plotly.graph_objects as go
+
+fig = go.Figure(staleness.loss_vs_time(runs))
+fig.update_layout(xaxis_title="seconds since launch", yaxis_title="worker loss (smoothed)", height=350)
+first, last = {}, {}
+for sync, run in runs.items():
+    loss = run.metrics.sort_values("time")["loss"]
+    first[sync], last[sync] = loss.iloc[:6].mean(), loss.iloc[-6:].mean()
+    print(f"{sync:>5}: loss {first[sync]:.3f} -> {last[sync]:.3f}")
+assert all(last[s] < first[s] for s in runs)   # all three learn
+fig"""),
+    ("md", """**Where staleness costs loss per step.** bsp and ssp apply exactly the same
+updates in number and size (per clock, the mean of both workers' gradients); the
+only difference is the weights those gradients were computed on. With a larger
+learning rate, on the regression task, the same 40 steps end far apart:"""),
+    ("code", """harder = base.replace(dataset="regression", lr=0.3)
+final_loss = {}
+for sync, bound in (("bsp", 0), ("ssp", 2)):
+    run = ddlkit.launch(harder.replace(sync=sync, staleness_bound=bound), echo=False).wait(timeout=300)
+    per_step = run.metrics.groupby("step")["loss"].mean()
+    final_loss[sync] = per_step.iloc[-10:].mean()
+    print(f"{sync:>4}: mean staleness {staleness.staleness_table(run)['staleness'].mean():.2f}, "
+          f"loss over the last 10 steps {final_loss[sync]:.3f}")
+assert final_loss["ssp"] > 1.5 * final_loss["bsp"]"""),
+    ("md", """**Where the time goes.** Per rank: how fast it stepped and how long it sat idle
+(a worker waiting for the server, the server waiting for gradients). In bsp the
+fast worker idles about 40 ms of every 60 ms step; in async it does not."""),
+    ("code", """for sync in ("bsp", "async"):
+    print(sync); print(staleness.rank_activity(runs[sync]).round(3).to_string(index=False))
+idle = {sync: staleness.rank_activity(run).set_index("rank").loc[1, "idle_s"] for sync, run in runs.items()}
+assert idle["bsp"] > 3 * idle["async"]"""),
+]
+
 if __name__ == "__main__":
     write("01_data_parallel.ipynb", DATA_PARALLEL)
+    write("04_async_parameter_server.ipynb", ASYNC_PARAMETER_SERVER)
     print("wrote", *sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")), file=sys.stderr)

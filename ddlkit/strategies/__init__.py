@@ -15,6 +15,10 @@ What the training loop (``ddlkit.worker.train``) asks of a strategy:
 - ``set_lr(lr)``: change the learning rate (all ranks do it at the same step).
 - ``full_state_dict()``: called on every rank (it may gather); rank 0's return
   is the full model state on CPU, saved as the run's result.
+
+A strategy whose ranks do not step in lockstep (``ps``, ``hogwild``) defines
+``run(dataset, shard, controls, straggler, reporter, run_dir) -> summary`` and
+owns its loop; ``controls`` then applies live changes without a collective.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ def make_optimizer(cfg: RunConfig) -> OptimizerFactory:
 
 def build_strategy(cfg: RunConfig, accelerator, model: torch.nn.Module, task: str):
     from .data import DataParallel
+    from .hogwild import Hogwild
+    from .ps import ParameterServer
 
-    strategies = {"single": DataParallel, "data": DataParallel}
+    strategies = {"single": DataParallel, "data": DataParallel, "ps": ParameterServer, "hogwild": Hogwild}
     return strategies[cfg.strategy](cfg, accelerator, model, task, make_optimizer(cfg))

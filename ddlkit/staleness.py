@@ -1,0 +1,120 @@
+"""Reading asynchronous runs: staleness, per-rank pace, loss against time.
+
+Pure functions of a run's events and metrics (``update`` events of parameter
+servers and hogwild ranks, ``step`` rows of workers: see docs/events.md).
+``traces(run)`` is the dashboard panel: a staleness histogram (axes x, y)
+and staleness over time per worker (axes x2, y2); ``figure(run)`` lays it
+out on its own.
+
+>>> import ddlkit
+>>> cfg = ddlkit.RunConfig(strategy="ps", world_size=3, sync="async", steps=5, device="cpu")
+>>> run = ddlkit.launch(cfg, echo=False).wait(120)
+>>> table = staleness_table(run)
+>>> len(table), bool((table["staleness"] == table["applied_version"] - table["read_version"]).all())
+(10, True)
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from .run import Run
+
+COLUMNS = ["time", "server", "worker", "step", "read_version", "applied_version", "staleness", "dropped"]
+
+
+def staleness_table(run: "Run") -> pd.DataFrame:
+    """One row per update event; ``time`` in seconds since launch, ``server``
+    the rank that applied it."""
+    rows = [{**{k: e.get(k) for k in COLUMNS}, "time": e["time"] - run.started, "server": e["rank"]}
+            for e in run.events if e["type"] == "update"]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def histogram(table: pd.DataFrame) -> pd.DataFrame:
+    """How many updates had each staleness: columns staleness, applied, dropped.
+
+    >>> t = pd.DataFrame({"staleness": [0, 2, 2, 3], "dropped": [False, False, True, True]})
+    >>> histogram(t).values.tolist()
+    [[0, 1, 0], [1, 0, 0], [2, 1, 1], [3, 0, 1]]
+    """
+    if table.empty:
+        return pd.DataFrame(columns=["staleness", "applied", "dropped"])
+    counts = pd.crosstab(table["staleness"], table["dropped"].astype(bool))
+    counts = counts.reindex(range(int(table["staleness"].max()) + 1), fill_value=0)
+    return pd.DataFrame({"staleness": counts.index.astype(int), "applied": counts.get(False, 0),
+                         "dropped": counts.get(True, 0)}).reset_index(drop=True)
+
+
+def per_worker(table: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Each worker's updates in the order they were applied (time, step, staleness)."""
+    return {int(w): rows.sort_values("time")[["time", "step", "staleness", "dropped"]].reset_index(drop=True)
+            for w, rows in table.groupby("worker")}
+
+
+def rank_activity(run: "Run") -> pd.DataFrame:
+    """Per rank: steps, step rate, and the time it spent idle: a worker waiting
+    for its servers (``wait_s``), a server waiting for gradients (``idle_s``)."""
+    metrics, rows = run.metrics, []
+    for rank, steps in (metrics.groupby("rank") if not metrics.empty else []):
+        span = steps["time"].max() - steps["time"].min()
+        rows.append({"rank": int(rank), "role": "worker", "steps": len(steps),
+                     "steps_per_s": (len(steps) - 1) / span if span > 0 else float("nan"),
+                     "idle_s": steps["wait_s"].sum()})
+    for rank in sorted({e["rank"] for e in run.events if e["type"] == "update" and "idle_s" in e}):
+        idle = sum(e["idle_s"] for e in run.events if e["type"] == "update" and e["rank"] == rank)
+        rows.append({"rank": rank, "role": "server", "steps": float("nan"), "steps_per_s": float("nan"),
+                     "idle_s": idle})
+    return pd.DataFrame(rows, columns=["rank", "role", "steps", "steps_per_s", "idle_s"])
+
+
+def traces(run: "Run") -> list[go.BaseTraceType]:
+    """The staleness panel: histogram (x, y) and staleness over time per worker (x2, y2)."""
+    table = staleness_table(run)
+    counts = histogram(table)
+    out: list[go.BaseTraceType] = [
+        go.Bar(x=counts["staleness"], y=counts["applied"], name="applied updates", xaxis="x", yaxis="y"),
+    ]
+    if not counts.empty and counts["dropped"].sum():
+        out.append(go.Bar(x=counts["staleness"], y=counts["dropped"], name="dropped", xaxis="x", yaxis="y"))
+    for worker, rows in per_worker(table).items():
+        out.append(go.Scatter(x=rows["time"], y=rows["staleness"], mode="lines+markers", name=f"worker {worker}",
+                              line={"shape": "hv"}, xaxis="x2", yaxis="y2"))
+    return out
+
+
+def figure(run: "Run") -> go.Figure:
+    """``traces(run)`` on their own: histogram left, over time right."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("staleness of applied updates", "staleness over time"))
+    for trace in traces(run):
+        fig.add_trace(trace, row=1, col=1 if trace.xaxis in (None, "x") else 2)
+    fig.update_xaxes(title_text="staleness (updates missed)", row=1, col=1)
+    fig.update_xaxes(title_text="seconds since launch", row=1, col=2)
+    fig.update_layout(barmode="stack", height=380)
+    return fig
+
+
+def loss_vs_time(runs: dict[str, "Run"]) -> list[go.Scatter]:
+    """Mean worker loss against wall time, one trace per labelled run (e.g.
+    bsp, async, ssp), to overlay: who gets how low how soon."""
+    out = []
+    for label, run in runs.items():
+        rows = run.metrics.sort_values("time")
+        # a point per (worker, step) row in time order, smoothed over the last few
+        smooth = rows["loss"].rolling(max(1, run.world_size), min_periods=1).mean()
+        out.append(go.Scatter(x=rows["time"], y=smooth, mode="lines", name=label))
+    return out
+
+
+def throughput_while_all_work(run: "Run") -> float:
+    """Samples per second summed over workers, from the start until the first
+    worker has done all its steps (after that a straggler finishes alone, and
+    any mode is as slow as it). Needs a row per step (``log_every=1``)."""
+    rows = run.metrics
+    start = (rows["time"] - rows["step_time"]).min()
+    first_done = rows.groupby("rank")["time"].max().min()
+    return float(rows.loc[rows["time"] <= first_done, "samples"].sum() / (first_done - start))

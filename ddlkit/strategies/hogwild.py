@@ -1,0 +1,118 @@
+"""Hogwild: several processes update one model in shared memory, without locks.
+
+Every rank maps the same file (``/dev/shm``: memory, not disk) and points its
+model's parameters into it, so an optimizer step by any rank writes the one
+copy that all ranks read. Nothing orders the writes: a rank's forward pass may
+read parameters that another rank is updating halfway (Recht et al., 2011:
+with sparse enough updates this still converges).
+
+ddlkit starts ranks as fresh interpreters (no fork), so the memory is shared
+through the file, not inherited: rank 0 creates it with the initial weights,
+the others map it, and once all have it mapped rank 0 removes its name (the
+mappings stay valid, and a killed run leaves nothing in ``/dev/shm``).
+
+Staleness is approximate. A shared counter (in a second mapping) counts
+updates: a rank reads it before its forward pass and again when it applies
+its update; the difference is how many updates other ranks made meanwhile.
+The increments are lock-free too (load, add, store), so two ranks can lose
+one, and the parameters read were never a consistent snapshot anyway.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..models import loss_fn
+from . import OptimizerFactory, StepStats
+
+
+def shared_tensor(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor backed by a file every process can map (created if missing)."""
+    return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+
+
+class Hogwild:
+    def __init__(self, cfg, accelerator, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory):
+        self.cfg, self.task, self.model = cfg, task, model
+        self.rank, world_size = accelerator.process_index, accelerator.num_processes
+        self.dp_rank, self.dp_size = self.rank, world_size
+        self.make_optimizer = make_optimizer
+
+    def attach(self, run_dir: Path) -> None:
+        """Point the parameters into the shared file (all ranks, together)."""
+        params = list(self.model.parameters())
+        base = f"/dev/shm/ddlkit-hogwild-{run_dir.name}"  # the run id: unique
+        if self.rank == 0:  # create it first, with the initial weights
+            flat = shared_tensor(base + ".params", sum(p.numel() for p in params), torch.float32)
+            flat.copy_(torch.cat([p.detach().flatten() for p in params]))
+            shared_tensor(base + ".clock", 1, torch.int64).zero_()
+        dist.barrier()
+        flat = shared_tensor(base + ".params", sum(p.numel() for p in params), torch.float32)
+        self.clock = shared_tensor(base + ".clock", 1, torch.int64)
+        dist.barrier()  # everyone has it mapped: the names can go
+        if self.rank == 0:
+            os.unlink(base + ".params")
+            os.unlink(base + ".clock")
+        offset = 0
+        for p in params:
+            p.data = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.optimizer = self.make_optimizer(params)  # per-rank (SGD keeps no state to share)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[StepStats, int, int]:
+        """One lock-free update; returns stats and the clock read and applied at."""
+        start = time.perf_counter()
+        read = int(self.clock.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(self.task, self.model(inputs), targets)
+        loss.backward()
+        self.optimizer.step()  # writes the shared parameters in place
+        applied = int(self.clock.item())
+        self.clock += 1  # not atomic: a concurrent increment can be lost
+        return StepStats(loss.detach(), compute_s=time.perf_counter() - start, comm_s=0.0), read, applied
+
+    def run(self, dataset, shard, controls, straggler, reporter, run_dir: Path) -> dict[str, Any]:
+        from ..worker import inject_fault, save_atomic
+
+        cfg, lr = self.cfg, self.cfg.lr
+        self.attach(run_dir)
+        started, steps_done = time.perf_counter(), 0
+        for step in range(cfg.steps):
+            live = controls.at_step(step)  # each rank on its own: no collective between updates
+            if live.stop:
+                break
+            if live.lr is not None and live.lr != lr:
+                lr = live.lr
+                self.set_lr(lr)
+            step_start = time.perf_counter()
+            index = shard.indices(step)
+            if cfg.fault and cfg.fault["rank"] == self.rank and cfg.fault["step"] == step:
+                inject_fault(cfg.fault["kind"], step)
+            stats, read, applied = self.step(dataset.inputs[index], dataset.targets[index])
+            reporter.send({"type": "update", "worker": self.rank, "step": step, "read_version": read,
+                           "applied_version": applied, "staleness": applied - read, "dropped": False})
+            straggler.delay(live, step_start)
+            steps_done = step + 1
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                reporter.step(step, loss=stats.loss, samples=len(index), lr=lr,
+                              step_time=time.perf_counter() - step_start, compute_s=stats.compute_s,
+                              comm_s=0.0, wait_s=0.0, staleness=applied - read, version=applied)
+            else:
+                reporter.last_step = step
+        train_s = time.perf_counter() - started
+        dist.barrier()  # every update is in: all ranks see the same final parameters
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.rank == 0:
+            save_atomic(state, run_dir / "final_state.pt")
+        return {"steps": steps_done, "samples": steps_done * cfg.batch_size * self.dp_size, "train_s": train_s,
+                "stopped": steps_done < cfg.steps, "updates": int(self.clock.item()),
+                "param_checksum": float(sum(v.double().sum() for v in state.values()))}

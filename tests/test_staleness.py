@@ -1,0 +1,50 @@
+"""The analysis helpers, on a hand-written run (no processes): the numbers
+the staleness panel draws are the numbers in the events."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+
+from ddlkit import staleness
+
+
+def _update(t, server, worker, step, read, applied, dropped=False, idle=0.0):
+    return {"type": "update", "time": 100.0 + t, "rank": server, "worker": worker, "step": step,
+            "read_version": read, "applied_version": applied, "staleness": applied - read, "dropped": dropped,
+            "idle_s": idle}
+
+
+RUN = SimpleNamespace(
+    started=100.0, world_size=3,
+    events=[_update(0.1, 0, 1, 0, 0, 0), _update(0.2, 0, 2, 0, 0, 1, idle=0.05), _update(0.3, 0, 1, 1, 1, 2),
+            _update(0.5, 0, 2, 1, 2, 5, dropped=True, idle=0.2), {"type": "finished", "rank": 0, "time": 101.0}],
+    metrics=pd.DataFrame({"rank": [1, 1, 1, 2, 2], "step": [0, 1, 2, 0, 1], "time": [0.1, 0.3, 0.5, 0.2, 0.6],
+                          "loss": [2.0, 1.8, 1.6, 2.1, 1.9], "wait_s": [0.01, 0.02, 0.03, 0.0, 0.1]}),
+)
+
+
+def test_table_histogram_and_per_worker():
+    table = staleness.staleness_table(RUN)
+    assert table["staleness"].tolist() == [0, 1, 1, 3] and table["time"].round(6).tolist() == [0.1, 0.2, 0.3, 0.5]
+    assert staleness.histogram(table).values.tolist() == [[0, 1, 0], [1, 2, 0], [2, 0, 0], [3, 0, 1]]
+    by_worker = staleness.per_worker(table)
+    assert by_worker[1]["staleness"].tolist() == [0, 1] and by_worker[2]["dropped"].tolist() == [False, True]
+
+
+def test_rank_activity_shows_step_rate_and_idle_time():
+    activity = staleness.rank_activity(RUN).set_index("rank")
+    assert activity.loc[1, "steps_per_s"] == 2 / 0.4 and activity.loc[2, "steps_per_s"] == 1 / 0.4
+    assert round(activity.loc[1, "idle_s"], 6) == 0.06 and activity.loc[0, "role"] == "server"
+    assert round(activity.loc[0, "idle_s"], 6) == 0.25
+
+
+def test_panel_traces_and_loss_overlay():
+    traces = staleness.traces(RUN)
+    names = [t.name for t in traces]
+    assert names == ["applied updates", "dropped", "worker 1", "worker 2"]
+    assert list(traces[0].y) == [1, 2, 0, 0] and list(traces[3].y) == [1, 3]
+    assert {t.xaxis for t in traces[2:]} == {"x2"}
+    assert len(staleness.figure(RUN).data) == 4
+    overlay = staleness.loss_vs_time({"bsp": RUN, "async": RUN})
+    assert [t.name for t in overlay] == ["bsp", "async"] and len(overlay[0].x) == 5
