@@ -197,14 +197,16 @@ def downsample(y: np.ndarray, max_points: int = MAX_POINTS, recent: int = RECENT
     n = len(y)
     if n <= max_points:
         return np.arange(n)
-    buckets = (max_points - recent - 1) // 2
-    per_bucket = (n - recent) // buckets
-    old = buckets * per_bucket  # the rest of the older points join the recent ones
-    grid = y[:old].reshape(buckets, per_bucket)
+    old = n - recent
+    per_bucket = -(-old // ((max_points - recent - 1) // 2))  # ceil: at most that many buckets
+    buckets = -(-old // per_bucket)
+    grid = np.full(buckets * per_bucket, np.nan)  # the last bucket padded with NaN
+    grid[:old] = y[:old]
+    grid = grid.reshape(buckets, per_bucket)
     offsets = np.arange(buckets) * per_bucket
-    lows = np.nanargmin(np.where(np.isnan(grid), np.inf, grid), axis=1) + offsets
-    highs = np.nanargmax(np.where(np.isnan(grid), -np.inf, grid), axis=1) + offsets
-    return np.unique(np.concatenate([[0], lows, highs, np.arange(old, n)]))
+    lows = np.argmin(np.where(np.isnan(grid), np.inf, grid), axis=1) + offsets
+    highs = np.argmax(np.where(np.isnan(grid), -np.inf, grid), axis=1) + offsets
+    return np.unique(np.concatenate([[0], np.minimum(lows, old - 1), np.minimum(highs, old - 1), np.arange(old, n)]))
 
 
 # ---- the panels --------------------------------------------------------------
