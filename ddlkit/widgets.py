@@ -101,8 +101,8 @@ class ControlPanel:
         self.fields["lr"].observe(self._lr_moved, "value")
         for name in ("run", "pause", "stop"):
             getattr(self, f"{name}_button").add_class(f"ddlkit-{name}")
-        self.fields["lr"].add_class("ddlkit-lr")
         self.status.add_class("ddlkit-status")
+        self.dashboard_box.add_class("ddlkit-dashboard")
         self.error.add_class("ddlkit-error")
         self._show_knobs()
         f = self.fields
@@ -185,6 +185,7 @@ class ControlPanel:
     def _add_field(self, knob: Knob) -> None:
         widget = knob.make(getattr(self.base, knob.field))
         widget.observe(lambda _: self._validate(), "value")
+        widget.add_class(f"ddlkit-{knob.field}")  # a handle for browser tests and custom CSS
         self.fields[knob.field] = widget
 
     def _show_knobs(self) -> None:

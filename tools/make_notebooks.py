@@ -19,6 +19,38 @@ def write(name: str, cells: list[tuple[str, str]]) -> None:
     nbformat.write(nb, NOTEBOOKS / name)
 
 
+QUICKSTART = [
+    ("md", """# 00 · Quickstart: a control panel and a live dashboard
+
+Pick an experiment, press **Run**, and watch two processes train a small
+network on scikit-learn's digits while this notebook stays free. Move the
+**lr** slider while it runs: every rank switches at the same step, and the loss
+curve marks the step (▼). **Pause**, **Resume** and **Stop** act within a
+fraction of a second. Invalid settings (try model `cnn` with dataset
+`sonnets`) are refused before anything starts, with the reason."""),
+    ("code", """import ddlkit
+
+panel = ddlkit.ControlPanel(ddlkit.RunConfig(strategy="data", world_size=2, model="mlp", dataset="digits",
+                                             steps=300, batch_size=32, lr=0.3, device="cpu"))
+panel"""),
+    ("md", """The same without widgets: `ddlkit.launch` returns at once and
+`ddlkit.Dashboard` keeps drawing from a background thread, about four times a
+second, after the cell has returned: loss per rank (faint) and their mean
+(bold) against step and wall time, throughput, and where each step's time went
+(compute, communication, waiting for data)."""),
+    ("code", """run = ddlkit.launch(panel.config().replace(steps=150), echo=False)
+dashboard = ddlkit.Dashboard(run)
+dashboard"""),
+    ("md", """A run is only over when we wait for it. Then the numbers the dashboard
+drew are in `run.metrics`, one row per rank and step: did training work?"""),
+    ("code", """run.wait(timeout=300)
+loss = run.metrics.groupby("step")["loss"].mean()
+first, last = loss.iloc[:10].mean(), loss.iloc[-10:].mean()
+print(f"mean loss over the first 10 steps {first:.3f}, over the last 10 {last:.3f}")
+assert run.status == "done" and set(run.metrics["rank"]) == {0, 1}
+assert last < 0.5 * first"""),
+]
+
 DATA_PARALLEL = [
     ("md", """# 01 · Data parallelism is large-batch training
 
@@ -70,5 +102,6 @@ assert (mean_loss - single_loss).abs().max() < 1e-4"""),
 ]
 
 if __name__ == "__main__":
+    write("00_quickstart.ipynb", QUICKSTART)
     write("01_data_parallel.ipynb", DATA_PARALLEL)
     print("wrote", *sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")), file=sys.stderr)
