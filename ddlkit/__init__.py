@@ -15,7 +15,7 @@ __all__ = ["RunConfig", "launch", "log", "Run", "RunFailed", "Result", "load_run
            "sweep"]
 
 # Imported on first use: workers import ddlkit too, and need no plotly or widgets.
-_LAZY = {"Dashboard": ".dashboard", "ControlPanel": ".widgets", "sweep": ".sweep"}
+_LAZY = {"Dashboard": ".dashboard", "ControlPanel": ".widgets", "sweep": ".sweeps"}
 
 
 def __getattr__(name: str):
