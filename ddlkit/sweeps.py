@@ -12,8 +12,13 @@ means:
 - ``batch="per_rank"`` (weak scaling): every rank keeps ``cfg.batch_size``; the
   global batch grows with the ranks, and so does the work per step.
 
-On a machine with fewer cores than ranks the ranks share cores: the table says
-so (``cores_per_rank``, ``oversubscribed``) rather than hiding it.
+Threads are explicit too: by default every rank gets one thread at every size
+(``threads=1``), so one rank uses one core and N ranks N cores, and a speedup
+compares like with like (with ``threads=None`` one rank gets every core as
+intra-op threads, which on small models and busy machines is its own,
+often poor, parallelism). On a machine with fewer cores than ranks the ranks
+share cores: the table says so (``cores_per_rank``, ``oversubscribed``) rather
+than hiding it.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ class SweepResult:
 
 
 def sweep(cfg: RunConfig, world_sizes: Sequence[int] = (1, 2, 4), batch: str = "global",
-          target_loss: float | None = None, timeout: float = 600) -> SweepResult:
+          threads: int | None = 1, target_loss: float | None = None, timeout: float = 600) -> SweepResult:
     """Run ``cfg`` at each world size, one run after the other.
 
     ``target_loss``: for the time-to-target column; by default the highest
@@ -61,7 +66,7 @@ def sweep(cfg: RunConfig, world_sizes: Sequence[int] = (1, 2, 4), batch: str = "
     >>> list(result.table["world_size"]), result.table["speedup"].iloc[0]
     ([1, 2], 1.0)
     """
-    configs = [_config_at(cfg, size, batch) for size in world_sizes]
+    configs = [_config_at(cfg, size, batch).replace(threads=threads) for size in world_sizes]
     for config in configs:  # every size is refused before the first starts
         config.validate()
     runs = [launch(config, echo=False).wait(timeout) for config in configs]
@@ -73,7 +78,7 @@ def sweep(cfg: RunConfig, world_sizes: Sequence[int] = (1, 2, 4), batch: str = "
     for config, d in zip(configs, data):
         size = config.world_size
         speedup = d.samples_per_s() / base_rate
-        rows.append({"world_size": size, "batch_per_rank": config.batch_size,
+        rows.append({"world_size": size, "batch_per_rank": config.batch_size, "threads_per_rank": config.threads,
                      "global_batch": config.batch_size * size, "samples_per_s": d.samples_per_s(),
                      "time_to_target_s": _time_to(d, target), "speedup": speedup,
                      "efficiency": speedup / (size / base_size), "cores_per_rank": cores / size,

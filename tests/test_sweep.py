@@ -20,6 +20,7 @@ def test_global_batch_is_split_and_per_rank_batch_is_kept():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"world_sizes": [1, 3]}, "world size 3 cannot split the global batch of 32"),
+    ({"threads": 0}, "threads=0 is invalid: it must be a positive integer"),
     ({"batch": "weak"}, "batch='weak' is invalid: valid values are ['global', 'per_rank']"),
     ({"world_sizes": [1, 2], "cfg": RunConfig(strategy="single", world_size=1)}, "invalid for strategy='single'"),
 ])
@@ -36,7 +37,7 @@ def test_a_sweep_measures_speedup_and_flags_oversubscription(runs_dir):
     result = ddlkit.sweep(cfg, world_sizes=[1, 4])
     table, cores = result.table, len(os.sched_getaffinity(0))
     assert list(table["world_size"]) == [1, 4] and list(table["batch_per_rank"]) == [32, 8]
-    assert (table["global_batch"] == 32).all()
+    assert (table["global_batch"] == 32).all() and (table["threads_per_rank"] == 1).all()
     assert [run.status for run in result.runs] == ["done", "done"]
     rates = [run.summary["samples_per_s"] for run in result.runs]
     assert list(table["samples_per_s"]) == pytest.approx(rates)

@@ -99,6 +99,34 @@ mean_loss = two_ranks.metrics.groupby("step")["loss"].mean()
 single_loss = one_big_batch.metrics.set_index("step")["loss"]
 print(f"mean over ranks vs single-process loss, largest gap: {(mean_loss - single_loss).abs().max():.2e}")
 assert (mean_loss - single_loss).abs().max() < 1e-4"""),
+    ("md", """## How much faster? Diminishing returns, measured
+
+More ranks share the work of a step, but each step now also pays for an
+all-reduce, and the ranks need cores to run on. `ddlkit.sweep` runs the same
+experiment (a wider MLP, so there is compute to share) at 1, 2 and 4 ranks,
+one after the other. It keeps the **global** batch (256 samples a step, split
+over the ranks), so every size computes the same updates and only the time
+differs, and gives every rank one thread, so one rank uses one core. *Speedup* is samples/s against one
+rank; *parallel efficiency* is speedup divided by the number of ranks (1.0 is
+perfect). The table also says how many cores each rank had: past the machine's
+core count, ranks take turns on the same cores (`oversubscribed`)."""),
+    ("code", """import os
+
+wider = base.replace(strategy="data", world_size=1, batch_size=256, hidden=1024, steps=30)  # work worth sharing
+result = ddlkit.sweep(wider, world_sizes=[1, 2, 4])  # keeps the global batch of 256; one thread per rank
+table = result.table
+print(table[["world_size", "batch_per_rank", "samples_per_s", "speedup", "efficiency", "cores_per_rank",
+             "oversubscribed", "time_to_target_s"]].round(2).to_string(index=False))
+result.figure"""),
+    ("md", """Read the efficiency column: below 1 as soon as there is a second rank
+(communication is not free, and a small model leaves little compute to hide it
+behind), and lower again once the ranks outnumber the cores. (With a tiny model,
+two ranks can even be slower than one: try `hidden=128`.)"""),
+    ("code", """cores = len(os.sched_getaffinity(0))
+print(f"{cores} cores; efficiency by world size: {dict(zip(table.world_size, table.efficiency.round(2)))}")
+assert (table["oversubscribed"] == (table["world_size"] > cores)).all()
+assert (table.loc[table["world_size"] > 1, "efficiency"] < 1).all()   # diminishing returns
+assert table["efficiency"].is_monotonic_decreasing                    # and they diminish further"""),
 ]
 
 if __name__ == "__main__":
