@@ -409,7 +409,7 @@ def build_figure(runs: list[RunData], ctx: Context, panels: list[Panel], traces:
     (a FigureWidget, say) if given, replacing what it held."""
     rows = max(1, math.ceil(len(panels) / 2))
     layout = make_subplots(rows=rows, cols=2, subplot_titles=[p.title for p in panels],
-                           vertical_spacing=min(0.12, 0.35 / rows), horizontal_spacing=0.08)
+                           vertical_spacing=min(0.12, 0.35 / rows), horizontal_spacing=0.1)
     for index, (panel, panel_traces_) in enumerate(zip(panels, traces)):
         row, col = index // 2 + 1, index % 2 + 1
         for trace in panel_traces_:
