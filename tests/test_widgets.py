@@ -61,7 +61,10 @@ def test_run_lr_pause_resume_stop_act_on_a_real_run(runs_dir):
     panel.fields["lr"].value = 0.01
     wait_until(lambda: any(e["type"] == "control" and e.get("lr") == 0.01 for e in run.events), 5, "lr applied")
     assert time.time() - moved < 1.0
-    wait_until(lambda: "lr=0.01" in panel.dashboard.figure.data[3].text, 2, "lr marked on the loss curve")
+    def marked():
+        return any("lr=0.01" in (trace.text or ()) for trace in panel.dashboard.figure.data if trace.name == "controls")
+
+    wait_until(marked, 2, "lr marked on the loss curves")
 
     panel.pause_button.click()
     assert panel.pause_button.description == "Resume"
