@@ -73,17 +73,10 @@ class Dashboard:
         """Read new events and redraw; returns the seconds it cost."""
         with self._lock:
             started = time.perf_counter()
-            for data in self._all_data():
-                data.update()
-            panels = figures.active_panels(self.data, self.context)
-            traces = figures.panel_traces(self.data, self.context, panels)
-            signature = (tuple(p.key for p in panels), tuple((t.get("type"), t.get("name")) for ts in traces for t in ts))
+            arrived = sum(data.update() for data in self._all_data())
             title = figures.title_of(self.data)
-            if signature != self._signature:  # a panel, run or rank appeared: lay out again
-                figures.build_figure(self.data, self.context, panels, traces, title, figure=self.figure)
-                self._signature = signature
-            else:
-                self._update_in_place([t for ts in traces for t in ts], title)
+            if arrived or title != self.figure.layout.title.text or self._signature is None:
+                self._redraw(title)
             self.last_refresh_s = time.perf_counter() - started
             self.refreshes += 1
         for listener in self._listeners:
@@ -123,6 +116,16 @@ class Dashboard:
                 raise
             if ended:
                 return
+
+    def _redraw(self, title: str) -> None:
+        panels = figures.active_panels(self.data, self.context)
+        traces = figures.panel_traces(self.data, self.context, panels)
+        signature = (tuple(p.key for p in panels), tuple((t.get("type"), t.get("name")) for ts in traces for t in ts))
+        if signature != self._signature:  # a panel, run or rank appeared: lay out again
+            figures.build_figure(self.data, self.context, panels, traces, title, figure=self.figure)
+            self._signature = signature
+        else:
+            self._update_in_place([t for ts in traces for t in ts], title)
 
     def _update_in_place(self, traces: list[dict[str, Any]], title: str) -> None:
         """Send only the data that changed: styles stay as laid out."""
