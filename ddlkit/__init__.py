@@ -11,5 +11,18 @@ from .launch import launch
 from .reporter import log
 from .run import Result, Run, RunFailed, load_run
 
-__all__ = ["RunConfig", "launch", "log", "Run", "RunFailed", "Result", "load_run"]
+__all__ = ["RunConfig", "launch", "log", "Run", "RunFailed", "Result", "load_run", "Dashboard", "ControlPanel",
+           "sweep"]
+
+# Imported on first use: workers import ddlkit too, and need no plotly or widgets.
+_LAZY = {"Dashboard": ".dashboard", "ControlPanel": ".widgets", "sweep": ".sweeps"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'ddlkit' has no attribute {name!r}")
+
 __version__ = "0.1.0"

@@ -61,6 +61,8 @@ class RunConfig:
     # Model size knobs, read by ddlkit.models.
     hidden: int = 128
     seq_len: int = 32
+    # Threads per rank (torch intra-op); None: the cores divided by the ranks.
+    threads: int | None = None
     # Stragglers (every strategy): slow chosen ranks by a factor, e.g. {1: 3.0}
     # (live: run.control(slowdown=...)); add fixed seconds per step to chosen
     # ranks, e.g. {2: 0.3} (a scripted schedule); add a random exponential
@@ -95,6 +97,8 @@ class RunConfig:
         _one_of("device", self.device, DEVICES)
         for name in ("world_size", "steps", "batch_size", "log_every", "hidden", "seq_len"):
             _positive_int(name, getattr(self, name))
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
         _positive_number("lr", self.lr)
         _positive_number("hang_timeout", self.hang_timeout)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

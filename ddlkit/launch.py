@@ -83,7 +83,7 @@ def _start(world_size: int, device: str, runs_root: Path, hang_timeout: float | 
 
     rendezvous = Rendezvous()
     server = ChannelServer(new_token())
-    threads = max(1, len(os.sched_getaffinity(0)) // world_size)
+    threads = (config.threads if config is not None else None) or max(1, len(os.sched_getaffinity(0)) // world_size)
     ranks, outputs = [], {}
     kernel_fds = [server.fileno()]  # a forked worker must not hold the kernel's sockets open
     for rank in range(world_size):

@@ -72,26 +72,29 @@ def rank_activity(run: "Run") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rank", "role", "steps", "steps_per_s", "idle_s"])
 
 
-def traces(run: "Run") -> list[go.BaseTraceType]:
-    """The staleness panel: histogram (x, y) and staleness over time per worker (x2, y2)."""
-    table = staleness_table(run)
-    counts = histogram(table)
-    out: list[go.BaseTraceType] = [
-        go.Bar(x=counts["staleness"], y=counts["applied"], name="applied updates", xaxis="x", yaxis="y"),
-    ]
+def histogram_traces(run: "Run") -> list[go.BaseTraceType]:
+    """Dashboard panel: how many applied (and dropped) updates had each staleness."""
+    counts = histogram(staleness_table(run))
+    out: list[go.BaseTraceType] = [go.Bar(x=counts["staleness"], y=counts["applied"], name="applied updates",
+                                          opacity=0.8)]
     if not counts.empty and counts["dropped"].sum():
-        out.append(go.Bar(x=counts["staleness"], y=counts["dropped"], name="dropped", xaxis="x", yaxis="y"))
-    for worker, rows in per_worker(table).items():
-        out.append(go.Scatter(x=rows["time"], y=rows["staleness"], mode="lines+markers", name=f"worker {worker}",
-                              line={"shape": "hv"}, xaxis="x2", yaxis="y2"))
+        out.append(go.Bar(x=counts["staleness"], y=counts["dropped"], name="dropped", opacity=0.8))
     return out
 
 
+def over_time_traces(run: "Run") -> list[go.BaseTraceType]:
+    """Dashboard panel: the staleness of each worker's applied updates over time."""
+    return [go.Scatter(x=rows["time"], y=rows["staleness"], mode="lines+markers", name=f"worker {worker}",
+                       line={"shape": "hv"})
+            for worker, rows in per_worker(staleness_table(run)).items()]
+
+
 def figure(run: "Run") -> go.Figure:
-    """``traces(run)`` on their own: histogram left, over time right."""
+    """Both staleness panels side by side: histogram left, over time right."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("staleness of applied updates", "staleness over time"))
-    for trace in traces(run):
-        fig.add_trace(trace, row=1, col=1 if trace.xaxis in (None, "x") else 2)
+    for col, traces in ((1, histogram_traces(run)), (2, over_time_traces(run))):
+        for trace in traces:
+            fig.add_trace(trace, row=1, col=col)
     fig.update_xaxes(title_text="staleness (updates missed)", row=1, col=1)
     fig.update_xaxes(title_text="seconds since launch", row=1, col=2)
     fig.update_layout(barmode="stack", height=380)

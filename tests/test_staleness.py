@@ -40,11 +40,24 @@ def test_rank_activity_shows_step_rate_and_idle_time():
 
 
 def test_panel_traces_and_loss_overlay():
-    traces = staleness.traces(RUN)
-    names = [t.name for t in traces]
-    assert names == ["applied updates", "dropped", "worker 1", "worker 2"]
-    assert list(traces[0].y) == [1, 2, 0, 0] and list(traces[3].y) == [1, 3]
-    assert {t.xaxis for t in traces[2:]} == {"x2"}
-    assert len(staleness.figure(RUN).data) == 4
+    histogram, over_time = staleness.histogram_traces(RUN), staleness.over_time_traces(RUN)
+    assert [t.name for t in histogram] == ["applied updates", "dropped"]
+    assert [t.name for t in over_time] == ["worker 1", "worker 2"]
+    assert list(histogram[0].y) == [1, 2, 0, 0] and list(over_time[1].y) == [1, 3]
+    figure = staleness.figure(RUN)
+    assert len(figure.data) == 4 and {t.xaxis for t in figure.data[2:]} == {"x2"}
     overlay = staleness.loss_vs_time({"bsp": RUN, "async": RUN})
     assert [t.name for t in overlay] == ["bsp", "async"] and len(overlay[0].x) == 5
+
+
+def test_the_dashboard_shows_the_staleness_panels_only_for_runs_with_updates(tmp_path):
+    from ddlkit import figures
+    from ddlkit.run import Run
+
+    with_updates = Run("ps", tmp_path, 3, 100.0, {})
+    with_updates._add(RUN.events)
+    titles = [a.text for a in figures.figure(with_updates).layout.annotations]
+    assert "gradient staleness of applied updates" in titles and "staleness over time, per worker" in titles
+    without = Run("data", tmp_path, 2, 100.0, {})
+    without._add([{"type": "step", "rank": 0, "step": 0, "time": 100.1, "loss": 1.0}])
+    assert not any("staleness" in a.text for a in figures.figure(without).layout.annotations)

@@ -21,6 +21,38 @@ def write(name: str, cells: list[tuple[str, str]]) -> None:
     nbformat.write(nb, NOTEBOOKS / name)
 
 
+QUICKSTART = [
+    ("md", """# 00 · Quickstart: a control panel and a live dashboard
+
+Pick an experiment, press **Run**, and watch two processes train a small
+network on scikit-learn's digits while this notebook stays free. Move the
+**lr** slider while it runs: every rank switches at the same step, and the loss
+curve marks the step (▼). **Pause**, **Resume** and **Stop** act within a
+fraction of a second. Invalid settings (try model `cnn` with dataset
+`sonnets`) are refused before anything starts, with the reason."""),
+    ("code", """import ddlkit
+
+panel = ddlkit.ControlPanel(ddlkit.RunConfig(strategy="data", world_size=2, model="mlp", dataset="digits",
+                                             steps=300, batch_size=32, lr=0.3, device="cpu"))
+panel"""),
+    ("md", """The same without widgets: `ddlkit.launch` returns at once and
+`ddlkit.Dashboard` keeps drawing from a background thread, about four times a
+second, after the cell has returned: loss per rank (faint) and their mean
+(bold) against step and wall time, throughput, and where each step's time went
+(compute, communication, waiting for data)."""),
+    ("code", """run = ddlkit.launch(panel.config().replace(steps=150), echo=False)
+dashboard = ddlkit.Dashboard(run)
+dashboard"""),
+    ("md", """A run is only over when we wait for it. Then the numbers the dashboard
+drew are in `run.metrics`, one row per rank and step: did training work?"""),
+    ("code", """run.wait(timeout=300)
+loss = run.metrics.groupby("step")["loss"].mean()
+first, last = loss.iloc[:10].mean(), loss.iloc[-10:].mean()
+print(f"mean loss over the first 10 steps {first:.3f}, over the last 10 {last:.3f}")
+assert run.status == "done" and set(run.metrics["rank"]) == {0, 1}
+assert last < 0.5 * first"""),
+]
+
 DATA_PARALLEL = [
     ("md", """# 01 · Data parallelism is large-batch training
 
@@ -69,6 +101,34 @@ mean_loss = two_ranks.metrics.groupby("step")["loss"].mean()
 single_loss = one_big_batch.metrics.set_index("step")["loss"]
 print(f"mean over ranks vs single-process loss, largest gap: {(mean_loss - single_loss).abs().max():.2e}")
 assert (mean_loss - single_loss).abs().max() < 1e-4"""),
+    ("md", """## How much faster? Diminishing returns, measured
+
+More ranks share the work of a step, but each step now also pays for an
+all-reduce, and the ranks need cores to run on. `ddlkit.sweep` runs the same
+experiment (a wider MLP, so there is compute to share) at 1, 2 and 4 ranks,
+one after the other. It keeps the **global** batch (256 samples a step, split
+over the ranks), so every size computes the same updates and only the time
+differs, and gives every rank one thread, so one rank uses one core. *Speedup* is samples/s against one
+rank; *parallel efficiency* is speedup divided by the number of ranks (1.0 is
+perfect). The table also says how many cores each rank had: past the machine's
+core count, ranks take turns on the same cores (`oversubscribed`)."""),
+    ("code", """import os
+
+wider = base.replace(strategy="data", world_size=1, batch_size=256, hidden=1024, steps=30)  # work worth sharing
+result = ddlkit.sweep(wider, world_sizes=[1, 2, 4])  # keeps the global batch of 256; one thread per rank
+table = result.table
+print(table[["world_size", "batch_per_rank", "samples_per_s", "speedup", "efficiency", "cores_per_rank",
+             "oversubscribed", "time_to_target_s"]].round(2).to_string(index=False))
+result.figure"""),
+    ("md", """Read the efficiency column: below 1 as soon as there is a second rank
+(communication is not free, and a small model leaves little compute to hide it
+behind), and lower again once the ranks outnumber the cores. (With a tiny model,
+two ranks can even be slower than one: try `hidden=128`.)"""),
+    ("code", """cores = len(os.sched_getaffinity(0))
+print(f"{cores} cores; efficiency by world size: {dict(zip(table.world_size, table.efficiency.round(2)))}")
+assert (table["oversubscribed"] == (table["world_size"] > cores)).all()
+assert (table.loc[table["world_size"] > 1, "efficiency"] < 1).all()   # diminishing returns
+assert table["efficiency"].is_monotonic_decreasing                    # and they diminish further"""),
 ]
 
 ASYNC_PARAMETER_SERVER = [
@@ -167,6 +227,7 @@ assert idle["bsp"] > 3 * idle["async"]"""),
 ]
 
 if __name__ == "__main__":
+    write("00_quickstart.ipynb", QUICKSTART)
     write("01_data_parallel.ipynb", DATA_PARALLEL)
     write("04_async_parameter_server.ipynb", ASYNC_PARAMETER_SERVER)
     print("wrote", *sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")), file=sys.stderr)

@@ -1,0 +1,82 @@
+"""What a dashboard refresh costs the kernel with 200,000 events in a run,
+against the 50 ms budget. Not a timed test: numbers on a shared machine are
+noisy; the lead re-runs this alone.
+
+    python benchmarks/dashboard_refresh.py [--events 200000] [--ranks 2]
+
+The run is synthetic (events appended to a Run the way the collector does),
+so the numbers are the dashboard's alone. Printed: the first refresh (parses
+every event), then steady refreshes with 1,000 new events each (4 refreshes a
+second of a run logging 4,000 events/s), and with none, as ratios of the budget
+and of the anchor, measured side by side: what a refresh that rebuilds the table
+costs before drawing anything (run.metrics rebuilt from every row, then the
+mean loss per step: the first thing a from-scratch redraw does).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+
+from ddlkit import Dashboard
+from ddlkit.run import Run
+
+BUDGET_S = 0.050
+
+
+def step_events(ranks: int, first_step: int, count: int, started: float) -> list[dict]:
+    events = []
+    for step in range(first_step, first_step + count // ranks):
+        for rank in range(ranks):
+            events.append({"type": "step", "rank": rank, "time": started + 0.01 * step, "step": step,
+                           "loss": 2.0 * math.exp(-step / 20_000) + 0.01 * ((step * 7 + rank) % 13),
+                           "samples": 32, "lr": 0.05, "step_time": 0.01, "compute_s": 0.006, "comm_s": 0.003,
+                           "wait_s": 0.001})
+    return events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    run = Run("bench", tempfile.mkdtemp(), args.ranks, started=0.0, meta={})
+    run._status = "running"
+    run._add(step_events(args.ranks, 0, args.events, 0.0))
+    run._add([{"type": "control", "rank": 0, "time": 100.0, "step": 10_000, "lr": 0.01}])
+    dashboard = Dashboard(run, interval=3600)  # no timer ticks: we call refresh() ourselves
+    first = dashboard.last_refresh_s
+    next_step = args.events // args.ranks
+    growing, idle, anchor = [], [], []
+    for _ in range(args.repeats):
+        run._add(step_events(args.ranks, next_step, 1000, 0.0))
+        next_step += 1000 // args.ranks
+        growing.append(dashboard.refresh())
+        idle.append(dashboard.refresh())
+        anchor.append(rebuild_table(run))
+    dashboard.close()
+    points = sum(len(trace.x) for trace in dashboard.figure.data if trace.x is not None)
+    print(f"{len(run.events):,} events, {args.ranks} ranks, {len(dashboard.figure.data)} traces, "
+          f"{points:,} points sent per refresh")
+    anchor_s = statistics.median(anchor)
+    print(f"{'refresh':<38}{'median ms':>10}{'max ms':>10}{'/ 50 ms budget':>16}{'/ anchor':>10}")
+    for name, times in (("first (parses every event)", [first]), ("+1,000 new events", growing),
+                        ("no new events", idle), ("anchor: rebuild table + groupby", anchor)):
+        median = statistics.median(times)
+        print(f"{name:<38}{median * 1e3:>10.1f}{max(times) * 1e3:>10.1f}{median / BUDGET_S:>16.2f}"
+              f"{median / anchor_s:>10.2f}")
+
+
+def rebuild_table(run: Run) -> float:
+    started = time.perf_counter()
+    run._table = None  # as if rows had arrived: Run.metrics rebuilds its DataFrame
+    run.metrics.groupby("step")["loss"].mean()
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    main()

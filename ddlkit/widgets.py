@@ -1,0 +1,251 @@
+"""ControlPanel: pick an experiment with widgets, press Run, steer it live,
+watch it in the embedded dashboard.
+
+Every field widget maps to one RunConfig field. The fields a strategy adds
+come from :data:`KNOBS`, a table keyed by strategy: adding a knob is adding one
+entry there (and the field to RunConfig, with its check in ``validate()``).
+"""
+from __future__ import annotations
+
+import html
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ipywidgets as widgets
+
+from .config import DATASETS, MODELS, STRATEGIES, RunConfig
+from .dashboard import Dashboard
+from .launch import launch
+from .run import LIVE, Run
+
+LR_SEND_S = 0.25  # the slider sends at most this often while dragged; the last value always arrives
+
+
+@dataclass
+class Knob:
+    """One RunConfig field as a widget: ``make(value)`` builds it."""
+
+    field: str
+    make: Callable[[Any], widgets.ValueWidget]
+
+
+def _int(description: str, low: int = 1, high: int = 1_000_000) -> Callable[[Any], widgets.ValueWidget]:
+    return lambda value: widgets.BoundedIntText(value=value, min=low, max=high, description=description,
+                                                style={"description_width": "initial"},
+                                                layout=widgets.Layout(width="170px"))
+
+
+def _choice(description: str, options: tuple[str, ...]) -> Callable[[Any], widgets.ValueWidget]:
+    return lambda value: widgets.Dropdown(value=value, options=options, description=description,
+                                          style={"description_width": "initial"}, layout=widgets.Layout(width="190px"))
+
+
+def _log_slider(description: str, low: float, high: float) -> Callable[[Any], widgets.ValueWidget]:
+    return lambda value: widgets.FloatLogSlider(value=value, base=10, min=math.log10(low), max=math.log10(high),
+                                                step=0.05, readout_format=".3g", description=description,
+                                                continuous_update=True)
+
+
+# The fields every experiment has.
+COMMON = [
+    Knob("strategy", _choice("strategy", STRATEGIES)),
+    Knob("world_size", _int("world size", 1, 64)),
+    Knob("model", _choice("model", MODELS)),
+    Knob("dataset", _choice("dataset", DATASETS)),
+    Knob("batch_size", _int("batch / rank", 1, 65_536)),
+    Knob("steps", _int("steps")),
+    Knob("lr", _log_slider("lr", 1e-4, 1.0)),
+]
+
+# What each strategy adds, e.g. "pipeline": [Knob("micro_batches", _int("micro-batches"))].
+KNOBS: dict[str, list[Knob]] = {"single": [], "data": []}
+
+
+class ControlPanel:
+    """Widgets for a RunConfig, Run / Pause / Stop, a status line, a progress
+    bar, an error box, and a live dashboard of the current run.
+
+    >>> import ddlkit
+    >>> panel = ddlkit.ControlPanel(ddlkit.RunConfig(steps=20, device="cpu"))
+    >>> panel.fields["model"].value = "cnn"; panel.fields["dataset"].value = "sonnets"
+    >>> panel.run_button.disabled, "cannot train" in panel.status.value
+    (True, True)
+    """
+
+    def __init__(self, config: RunConfig | None = None):
+        self.base = config or RunConfig()
+        self.run: Run | None = None
+        self.dashboard: Dashboard | None = None
+        self.fields: dict[str, widgets.ValueWidget] = {}
+        self._lr_sent: float | None = None  # the learning rate the run has, as far as we sent it
+        self._last_lr_send = 0.0
+        self._lr_lock = threading.Lock()
+
+        self.run_button = widgets.Button(description="Run", button_style="success", icon="play")
+        self.pause_button = widgets.Button(description="Pause", icon="pause", disabled=True)
+        self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        self.progress = widgets.IntProgress(value=0, min=0, max=self.base.steps, description="progress")
+        self.status = widgets.HTML()
+        self.error = widgets.HTML(layout=widgets.Layout(display="none"))
+        self.knob_box = widgets.HBox()
+        self.dashboard_box = widgets.Box()
+        for knob in COMMON:
+            self._add_field(knob)
+        self.run_button.on_click(lambda _: self.start())
+        self.pause_button.on_click(lambda _: self.toggle_pause())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.fields["strategy"].observe(lambda _: self._show_knobs(), "value")
+        self.fields["lr"].observe(self._lr_moved, "value")
+        for name in ("run", "pause", "stop"):
+            getattr(self, f"{name}_button").add_class(f"ddlkit-{name}")
+        self.status.add_class("ddlkit-status")
+        self.dashboard_box.add_class("ddlkit-dashboard")
+        self.error.add_class("ddlkit-error")
+        self._show_knobs()
+        f = self.fields
+        self.widget = widgets.VBox([
+            widgets.HBox([f["strategy"], f["world_size"], f["model"], f["dataset"]]),
+            widgets.HBox([f["batch_size"], f["steps"], f["lr"]]),
+            self.knob_box,
+            widgets.HBox([self.run_button, self.pause_button, self.stop_button, self.progress]),
+            self.status, self.error, self.dashboard_box,
+        ])
+
+    # ---- the experiment --------------------------------------------------------
+    def config(self) -> RunConfig:
+        """The RunConfig the widgets describe (fields without a widget come
+        from the config the panel was made with)."""
+        knobs = {k.field for k in KNOBS.get(self.fields["strategy"].value, [])} | {k.field for k in COMMON}
+        return self.base.replace(**{name: w.value for name, w in self.fields.items() if name in knobs})
+
+    def check(self) -> str | None:
+        """The validation message of the current settings, or None if valid."""
+        try:
+            self.config().validate()
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def start(self) -> Run | None:
+        """What Run does: launch the widgets' config (refused, with the
+        validation message, if it is invalid) and show its dashboard."""
+        problem = self.check()
+        if problem is not None:
+            self._show_error(f"not started: {problem}")
+            return None
+        if self.run is not None and self.run.status in LIVE:
+            self._show_error("a run is going: stop it first")
+            return None
+        if self.dashboard is not None:
+            self.dashboard.close()
+        config = self.config()
+        self._show_error(None)
+        self._lr_sent = config.lr
+        self.progress.max, self.progress.value = config.steps, 0
+        self.run = launch(config, echo=False)
+        self.pause_button.description, self.pause_button.icon = "Pause", "pause"
+        self._set_buttons(live=True)
+        self.dashboard = Dashboard(self.run)
+        self.dashboard.on_refresh(self._on_refresh)
+        self.dashboard_box.children = [self.dashboard.figure]
+        return self.run
+
+    def toggle_pause(self) -> None:
+        if self.run is None or self.run.status not in LIVE:
+            return
+        if self.pause_button.description == "Pause":
+            self.run.pause()
+            self.pause_button.description, self.pause_button.icon = "Resume", "play"
+        else:
+            self.run.resume()
+            self.pause_button.description, self.pause_button.icon = "Pause", "pause"
+
+    def stop(self) -> None:
+        if self.run is not None:
+            self.run.stop()
+            if self.dashboard is not None:
+                self.dashboard.join(5)  # its last refresh shows the stopped run
+
+    def close(self) -> None:
+        """Stop the run, if any, and the dashboard."""
+        self.stop()
+        if self.dashboard is not None:
+            self.dashboard.close()
+        self.widget.close()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    # ---- widget plumbing ---------------------------------------------------------
+    def _add_field(self, knob: Knob) -> None:
+        widget = knob.make(getattr(self.base, knob.field))
+        widget.observe(lambda _: self._validate(), "value")
+        widget.add_class(f"ddlkit-{knob.field}")  # a handle for browser tests and custom CSS
+        self.fields[knob.field] = widget
+
+    def _show_knobs(self) -> None:
+        knobs = KNOBS.get(self.fields["strategy"].value, [])
+        for knob in knobs:
+            if knob.field not in self.fields:
+                self._add_field(knob)
+        self.knob_box.children = [self.fields[k.field] for k in knobs]
+        self._validate()
+
+    def _validate(self) -> None:
+        problem = self.check()
+        live = self.run is not None and self.run.status in LIVE
+        self.run_button.disabled = problem is not None or live
+        if problem is not None:
+            self.status.value = f"<b style='color:#b00'>invalid:</b> {html.escape(problem)}"
+        elif not live:
+            self.status.value = "ready" if self.run is None else self._describe(self.run)
+
+    def _lr_moved(self, change: dict[str, Any]) -> None:
+        """While a run goes, the slider steers its learning rate: sent at once if
+        the last send is old, else by the next dashboard refresh (last value wins)."""
+        if self.run is not None and self.run.status in LIVE and time.monotonic() - self._last_lr_send > LR_SEND_S:
+            self._send_lr()
+
+    def _send_lr(self) -> None:
+        with self._lr_lock:
+            lr = self.fields["lr"].value
+            if self.run is None or self.run.status not in LIVE or lr == self._lr_sent or self.check() is not None:
+                return
+            try:
+                self.run.set_lr(lr)
+            except RuntimeError:  # it ended meanwhile
+                return
+            self._lr_sent, self._last_lr_send = lr, time.monotonic()
+
+    def _on_refresh(self, dashboard: Dashboard) -> None:
+        run = dashboard.runs[0]
+        if run is not self.run:
+            return
+        self._send_lr()
+        self.progress.value = min(run.steps_done, self.progress.max)
+        self.status.value = self._describe(run)
+        if run.status not in LIVE:
+            self._set_buttons(live=False)
+            if run.status == "failed":
+                self._show_error(run.error or "failed")
+
+    def _describe(self, run: Run) -> str:
+        text = f"run <code>{run.id}</code>: <b>{run.status}</b>, step {run.steps_done}/{self.progress.max}"
+        rate = self.dashboard.data[0].samples_per_s() if self.dashboard is not None else math.nan
+        return text + ("" if math.isnan(rate) else f", {rate:,.0f} samples/s")
+
+    def _set_buttons(self, live: bool) -> None:
+        self.run_button.disabled = live or self.check() is not None
+        self.pause_button.disabled = not live
+        self.stop_button.disabled = not live
+
+    def _show_error(self, text: str | None) -> None:
+        self.error.value = "" if text is None else (
+            f"<pre style='color:#b00;white-space:pre-wrap;max-height:20em;overflow:auto'>{html.escape(text)}</pre>")
+        self.error.layout.display = "none" if text is None else None
+

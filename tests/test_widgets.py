@@ -1,0 +1,96 @@
+"""The ControlPanel, driven as a browser would (widget values, clicks),
+without a browser: refusals before launch, knobs from the table, and the
+buttons and the lr slider acting on a real run."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ddlkit import ControlPanel, RunConfig, widgets
+from ddlkit.widgets import Knob
+
+
+def wait_until(condition, timeout, what="condition"):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": "cnn", "dataset": "sonnets"}, "model='cnn' cannot train on dataset='sonnets'"),
+    ({"strategy": "single", "world_size": 2}, "world_size=2 is invalid for strategy='single'"),
+])
+def test_an_invalid_combination_is_refused_in_the_panel_before_launch(runs_dir, no_leftovers, changes, message):
+    panel = ControlPanel(RunConfig(steps=20, device="cpu", run_dir=runs_dir))
+    assert not panel.run_button.disabled and panel.status.value == "ready"
+    for name, value in changes.items():
+        panel.fields[name].value = value
+    assert panel.run_button.disabled
+    assert message in panel.status.value.replace("&#x27;", "'")
+    panel.run_button.click()  # even if a click gets through
+    assert panel.run is None and no_leftovers == []  # nothing was launched
+    assert message in panel.error.value.replace("&#x27;", "'") and panel.error.layout.display is None
+    panel.fields["dataset"].value, panel.fields["model"].value = "digits", "mlp"
+    panel.fields["strategy"].value, panel.fields["world_size"].value = "data", 2
+    assert not panel.run_button.disabled and panel.status.value == "ready"
+
+
+def test_a_strategy_knob_is_one_table_entry(monkeypatch):
+    monkeypatch.setitem(widgets.KNOBS, "data", [Knob("hidden", widgets._int("hidden units"))])
+    panel = ControlPanel(RunConfig(strategy="single", world_size=1, device="cpu"))
+    assert panel.knob_box.children == ()
+    panel.fields["strategy"].value, panel.fields["world_size"].value = "data", 2
+    (knob,) = panel.knob_box.children
+    knob.value = 48
+    assert panel.config().hidden == 48 and panel.config().strategy == "data"
+    panel.fields["strategy"].value, panel.fields["world_size"].value = "single", 1
+    assert panel.knob_box.children == () and panel.config().hidden == 128  # a hidden knob does not apply
+
+
+def test_run_lr_pause_resume_stop_act_on_a_real_run(runs_dir):
+    panel = ControlPanel(RunConfig(steps=1_000_000, batch_size=16, device="cpu", run_dir=runs_dir, hang_timeout=60))
+    panel.run_button.click()
+    run = panel.run
+    assert run is not None and panel.run_button.disabled and not panel.stop_button.disabled
+    assert panel.dashboard_box.children == (panel.dashboard.figure,)
+    wait_until(lambda: run.steps_done >= 30, 60, "30 steps")
+
+    moved = time.time()
+    panel.fields["lr"].value = 0.01
+    wait_until(lambda: any(e["type"] == "control" and e.get("lr") == 0.01 for e in run.events), 5, "lr applied")
+    assert time.time() - moved < 1.0
+    def marked():
+        return any("lr=0.01" in (trace.text or ()) for trace in panel.dashboard.figure.data if trace.name == "controls")
+
+    wait_until(marked, 2, "lr marked on the loss curves")
+
+    panel.pause_button.click()
+    assert panel.pause_button.description == "Resume"
+    time.sleep(0.5)
+    held = run.steps_done
+    time.sleep(1.0)
+    assert run.steps_done == held and run.status == "running"
+    panel.pause_button.click()
+    wait_until(lambda: run.steps_done > held + 5, 10, "steps after resume")
+    assert panel.pause_button.description == "Pause"
+
+    wait_until(lambda: panel.progress.value > 0 and "running" in panel.status.value, 2, "status and progress")
+    panel.stop_button.click()
+    assert run.status == "stopped"
+    assert "stopped" in panel.status.value and not panel.dashboard.running
+    assert not panel.run_button.disabled and panel.stop_button.disabled and panel.pause_button.disabled
+    assert panel.progress.value == run.steps_done
+
+
+def test_a_failing_rank_shows_in_the_error_box(runs_dir):
+    panel = ControlPanel(RunConfig(steps=50, device="cpu", run_dir=runs_dir,
+                                   fault={"rank": 1, "step": 3, "kind": "exception"}))
+    panel.run_button.click()
+    with pytest.raises(Exception):
+        panel.run.wait(120)
+    panel.dashboard.join(5)
+    assert panel.run.status == "failed" and "failed" in panel.status.value
+    assert "rank 1" in panel.error.value and "Traceback" in panel.error.value
+    assert panel.error.layout.display is None and not panel.run_button.disabled
