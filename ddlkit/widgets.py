@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from .config import DATASETS, MODELS, STRATEGIES, RunConfig
+from .config import DATASETS, MODELS, STRATEGIES, SYNC_MODES, RunConfig
 from .dashboard import Dashboard
 from .launch import launch
 from .run import LIVE, Run
@@ -61,7 +61,11 @@ COMMON = [
 ]
 
 # What each strategy adds, e.g. "pipeline": [Knob("micro_batches", _int("micro-batches"))].
-KNOBS: dict[str, list[Knob]] = {"single": [], "data": []}
+KNOBS: dict[str, list[Knob]] = {
+    "single": [], "data": [], "hogwild": [],
+    "ps": [Knob("servers", _int("servers", 1, 63)), Knob("sync", _choice("sync", SYNC_MODES)),
+           Knob("staleness_bound", _int("staleness bound (ssp)", 0, 1000))],
+}
 
 
 class ControlPanel:
@@ -83,6 +87,7 @@ class ControlPanel:
         self._lr_sent: float | None = None  # the learning rate the run has, as far as we sent it
         self._last_lr_send = 0.0
         self._lr_lock = threading.Lock()
+        self._slowdown_sent: dict[int, float] = {}  # the straggler the run has, as far as we sent it
 
         self.run_button = widgets.Button(description="Run", button_style="success", icon="play")
         self.pause_button = widgets.Button(description="Pause", icon="pause", disabled=True)
@@ -91,6 +96,16 @@ class ControlPanel:
         self.status = widgets.HTML()
         self.error = widgets.HTML(layout=widgets.Layout(display="none"))
         self.knob_box = widgets.HBox()
+        # A straggler for any strategy: rank `slow_rank` takes `slowdown` times as long per step;
+        # before a run it is the config's slowdown, during one it is sent live.
+        initial = next(iter((self.base.slowdown or {}).items()), (self.base.world_size - 1, 1.0))
+        self.slow_rank = widgets.BoundedIntText(value=initial[0], min=0, max=63, description="slow rank",
+                                                style={"description_width": "initial"},
+                                                layout=widgets.Layout(width="150px"))
+        self.slowdown = widgets.FloatSlider(value=initial[1], min=1.0, max=10.0, step=0.5, description="slowdown ×",
+                                            continuous_update=False)
+        for widget in (self.slow_rank, self.slowdown):
+            widget.observe(self._straggler_changed, "value")
         self.dashboard_box = widgets.Box()
         for knob in COMMON:
             self._add_field(knob)
@@ -110,6 +125,7 @@ class ControlPanel:
             widgets.HBox([f["strategy"], f["world_size"], f["model"], f["dataset"]]),
             widgets.HBox([f["batch_size"], f["steps"], f["lr"]]),
             self.knob_box,
+            widgets.HBox([self.slow_rank, self.slowdown]),
             widgets.HBox([self.run_button, self.pause_button, self.stop_button, self.progress]),
             self.status, self.error, self.dashboard_box,
         ])
@@ -119,7 +135,11 @@ class ControlPanel:
         """The RunConfig the widgets describe (fields without a widget come
         from the config the panel was made with)."""
         knobs = {k.field for k in KNOBS.get(self.fields["strategy"].value, [])} | {k.field for k in COMMON}
-        return self.base.replace(**{name: w.value for name, w in self.fields.items() if name in knobs})
+        config = self.base.replace(**{name: w.value for name, w in self.fields.items() if name in knobs})
+        return config.replace(slowdown=self._slowdown() or None)
+
+    def _slowdown(self) -> dict[int, float]:
+        return {self.slow_rank.value: self.slowdown.value} if self.slowdown.value > 1 else {}
 
     def check(self) -> str | None:
         """The validation message of the current settings, or None if valid."""
@@ -142,6 +162,7 @@ class ControlPanel:
         if self.dashboard is not None:
             self.dashboard.close()
         config = self.config()
+        self._slowdown_sent = dict(config.slowdown or {})
         self._show_error(None)
         self._lr_sent = config.lr
         self.progress.max, self.progress.value = config.steps, 0
@@ -204,6 +225,17 @@ class ControlPanel:
             self.status.value = f"<b style='color:#b00'>invalid:</b> {html.escape(problem)}"
         elif not live:
             self.status.value = "ready" if self.run is None else self._describe(self.run)
+
+    def _straggler_changed(self, _change: dict[str, Any]) -> None:
+        """Before a run: part of the config (validated). During one: sent live;
+        moving the straggler to another rank frees the one it was on."""
+        if self.run is None or self.run.status not in LIVE:
+            self._validate()
+            return
+        change = {rank: 1.0 for rank in self._slowdown_sent} | self._slowdown()
+        if change and 0 <= self.slow_rank.value < self.run.world_size:
+            self.run.control(slowdown=change)
+            self._slowdown_sent = self._slowdown()
 
     def _lr_moved(self, change: dict[str, Any]) -> None:
         """While a run goes, the slider steers its learning rate: sent at once if

@@ -94,3 +94,22 @@ def test_a_failing_rank_shows_in_the_error_box(runs_dir):
     assert panel.run.status == "failed" and "failed" in panel.status.value
     assert "rank 1" in panel.error.value and "Traceback" in panel.error.value
     assert panel.error.layout.display is None and not panel.run_button.disabled
+
+
+def test_the_straggler_row_sets_the_config_and_steers_a_running_ps_run(runs_dir):
+    panel = ControlPanel(RunConfig(strategy="ps", world_size=3, steps=1_000_000, batch_size=8, device="cpu",
+                                   run_dir=runs_dir))
+    assert [w.description for w in panel.knob_box.children] == ["servers", "sync", "staleness bound (ssp)"]
+    panel.fields["sync"].value = "ssp"
+    panel.slow_rank.value, panel.slowdown.value = 9, 3.0
+    assert panel.run_button.disabled and "slowdown" in panel.status.value  # rank 9 does not exist
+    panel.slow_rank.value = 2
+    assert panel.config().slowdown == {2: 3.0} and panel.config().sync == "ssp"
+    run = panel.start()
+    wait_until(lambda: run.steps_done > 3, 60, "the run makes steps")
+    panel.slow_rank.value = 1  # move the straggler: rank 2 is freed, rank 1 slowed, live
+    wait_until(lambda: any(e["type"] == "control" for e in run.events), 10, "the ranks apply the change")
+    (applied,) = [e for e in run.events if e["type"] == "control"]
+    assert applied["slowdown"] == {"2": 1.0, "1": 3.0}
+    panel.stop()
+    assert run.status == "stopped"
