@@ -162,8 +162,9 @@ class Restarts:
         else:
             self.used += 1
             config = self.starter.config
-            first = culprit(c.ranks)
-            event.update(type="restart", reason=f"rank {first.rank}: {first.describe()}" if first else "failed")
+            first = culprit(c.ranks)  # named first; a hang is detected on whichever rank waited longest
+            failed = sorted((r for r in c.ranks if r.failed), key=lambda r: r is not first)
+            event.update(type="restart", reason="; ".join(f"rank {r.rank}: {r.describe()}" for r in failed))
         for line in event["skipped"]:
             c._emit_note(line)
         c.run._record([event])

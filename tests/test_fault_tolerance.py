@@ -101,6 +101,16 @@ def test_restarts_are_reliable_20_of_20(runs_dir):
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
 
 
+def test_a_hang_past_the_timeout_restarts_too(runs_dir):
+    cfg = BASE.replace(run_dir=runs_dir, steps=15, hang_timeout=5, max_restarts=1,
+                       fault={"rank": 1, "step": 8, "kind": "hang"})
+    run = ddlkit.launch(cfg, echo=False).wait(timeout=240)
+    assert run.status == "done"
+    (restart,) = of_type(run, "restart")
+    assert "hung" in restart["reason"] and restart["from_step"] == 5
+    assert_one_row_per_step(run, cfg.steps)
+
+
 def test_without_restarts_left_the_run_fails(runs_dir):
     faults = [{"rank": 1, "step": 3, "kind": "exception", "attempt": a} for a in (0, 1)]
     cfg = BASE.replace(run_dir=runs_dir, steps=10, max_restarts=1, fault=faults)
