@@ -84,6 +84,10 @@ def continue_run(path: Path, world_size: int, echo: bool | Callable[[str], None]
     from .run import Run, load_run
 
     found = find_resume_point(path)
+    saved_by = found.manifest.get("world_size")
+    if found.manifest.get("layout") == "sharded" and saved_by != world_size:
+        raise ValueError(f"world_size={world_size} is invalid for resuming {found.path}: it holds shards of "
+                         f"{saved_by} ranks (a sharded checkpoint resumes with the same layout)")
     old = load_run(path)
     attempt = max((e.get("attempt", 0) for e in old.events), default=0) + 1
     run = Run(old.id, path, world_size, old.started,
