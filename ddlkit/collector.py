@@ -26,11 +26,12 @@ if TYPE_CHECKING:
     from .run import Run
 
 FAILURE_GRACE_S = 2.0  # after a first failure, time for the other ranks to report theirs
+RESTART_GRACE_S = 0.5  # the same, when the ranks will be restarted (their failure is recorded by then)
 STARTUP_GRACE_S = 60.0  # the least time a rank gets to make its first step
 STACK_DUMP_S = 1.0  # after a hang, time for the ranks to print their stacks
 DRAIN_S = 2.0  # after the last exit, longest wait for output still in flight
-RESTART_GRACE_S = 0.5  # the same, when the ranks will be restarted (their failure is recorded by then)
 GRACEFUL_STOP_S = 3.0  # after asking the ranks to stop, how long before they are killed
+RELAUNCH_STOP_S = 30.0  # the same, before a new layout: losing the stop checkpoint would redo steps
 SELECT_S = 0.1
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 
@@ -116,10 +117,12 @@ class Collector:
             if state.returncode is None and state.process.poll() is not None:
                 state.returncode, state.ended_at = state.process.poll(), now
         if self.kill_at is None:
-            if self.stop_requested or self.restarts.new_config is not None:
+            if self.stop_requested:
                 self.kill_at = now + (GRACEFUL_STOP_S if self.graceful_stop else 0.0)
             elif any(r.failed for r in self.ranks):
                 self.kill_at = now + (RESTART_GRACE_S if self.restarts.left() else FAILURE_GRACE_S)
+            elif self.restarts.new_config is not None:  # the ranks stop at a step and save it: give them time
+                self.kill_at = now + RELAUNCH_STOP_S
             else:
                 self._detect_hang(now)
         if self.kill_at is not None and now >= self.kill_at:

@@ -173,7 +173,6 @@ class Restarts:
             c._emit_note(line)
         c.run._record([event])
         self.new_config, self.stopped_early = None, False
-        c.graceful_stop = False
         c.controls.pop("stop", None)  # the stop that ended the old layout is not for the new one
         ranks, outputs = self.starter.start(config.world_size, self.attempt, found.path if found else None, config)
         c.run._add_pids([r.process.pid for r in ranks])

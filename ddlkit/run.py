@@ -168,9 +168,7 @@ class Run:
         restarts = self._collector.restarts
         if restarts.starter.config.checkpoint_every is None:
             raise ValueError("relaunch needs checkpoints: launch the run with checkpoint_every set")
-        new_config = resized(restarts.starter.config, world_size, strategy)
-        self._collector.graceful_stop = True  # before new_config: the collector must not kill at once
-        restarts.new_config = new_config
+        restarts.new_config = resized(restarts.starter.config, world_size, strategy)
         self._collector.send_control({"stop": True})
 
     def set_lr(self, lr: float) -> None:
