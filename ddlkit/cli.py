@@ -14,6 +14,7 @@ import time
 from tqdm import tqdm
 
 from .config import RunConfig
+from .elastic import find_resume_point, resume_folder
 from .launch import launch
 from .run import Run, RunFailed
 
@@ -25,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_cmd = commands.add_parser("run", help="run an experiment from flags and/or a YAML/JSON config")
     run_cmd.add_argument("config", nargs="?", help="experiment.yaml or .json; flags override its values")
+    flag_types = {"int": int, "float": float, "str": str, "int | None": int}
     for f in dataclasses.fields(RunConfig):
-        if f.type in ("int", "float", "str"):
-            run_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                                 type={"int": int, "float": float, "str": str}[f.type])
+        if f.type in flag_types:
+            run_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=flag_types[f.type])
+    run_cmd.add_argument("--resume", metavar="RUN_FOLDER",
+                         help="continue runs/<id> from its newest valid checkpoint (its config; flags override)")
     run_cmd.add_argument("--report", action="store_true", help="also write runs/<id>/report.html")
     demo_cmd = commands.add_parser("demo", help="a small data-parallel run, with an HTML report")
     demo_cmd.add_argument("--steps", type=int, default=DEMO.steps)
@@ -38,20 +41,25 @@ def main(argv: list[str] | None = None) -> int:
         if opts.command == "demo":
             cfg, report = DEMO.replace(steps=opts.steps), True
         else:
-            cfg = RunConfig.load(opts.config) if opts.config else RunConfig()
+            if opts.resume:
+                cfg = RunConfig.load(resume_folder(opts.resume) / "config.json")
+            else:
+                cfg = RunConfig.load(opts.config) if opts.config else RunConfig()
             overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(RunConfig)
                          if getattr(opts, f.name, None) is not None}
             cfg, report = cfg.replace(**overrides), opts.report
         cfg.validate()
+        if getattr(opts, "resume", None):
+            find_resume_point(resume_folder(opts.resume))
     except (ValueError, OSError) as exc:
         print(f"ddlkit: error: {exc}", file=sys.stderr)
         return 2
-    return _run(cfg, report)
+    return _run(cfg, report, getattr(opts, "resume", None))
 
 
-def _run(cfg: RunConfig, report: bool) -> int:
+def _run(cfg: RunConfig, report: bool, resume: str | None = None) -> int:
     print(f"ddlkit: {cfg.strategy} parallel, {cfg.world_size} rank(s), {cfg.model} on {cfg.dataset}, {cfg.steps} steps")
-    run = launch(cfg, echo=tqdm.write)
+    run = launch(cfg, echo=tqdm.write, resume=resume)
     try:
         _follow(run, cfg.steps)
         run.wait()

@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from typing import IO, TYPE_CHECKING, Any, Callable
 
 from . import channel
+from .elastic import Restarts
 from .supervise import RankState, failure_report, kill_group, signal_process
 
 if TYPE_CHECKING:
@@ -25,10 +26,12 @@ if TYPE_CHECKING:
     from .run import Run
 
 FAILURE_GRACE_S = 2.0  # after a first failure, time for the other ranks to report theirs
+RESTART_GRACE_S = 0.5  # the same, when the ranks will be restarted (their failure is recorded by then)
 STARTUP_GRACE_S = 60.0  # the least time a rank gets to make its first step
 STACK_DUMP_S = 1.0  # after a hang, time for the ranks to print their stacks
 DRAIN_S = 2.0  # after the last exit, longest wait for output still in flight
 GRACEFUL_STOP_S = 3.0  # after asking the ranks to stop, how long before they are killed
+RELAUNCH_STOP_S = 30.0  # the same, before a new layout: losing the stop checkpoint would redo steps
 SELECT_S = 0.1
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 
@@ -36,9 +39,9 @@ MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of event
 class Collector:
     def __init__(self, run: "Run", ranks: list[RankState], outputs: dict[int, IO[bytes]],
                  server: "ChannelServer", rendezvous: Any, hang_timeout: float | None,
-                 echo: bool | Callable[[str], None]):
+                 echo: bool | Callable[[str], None], starter: Any = None, attempt: int = 0,
+                 announce: list[dict[str, Any]] = ()):
         self.run = run
-        self.ranks = ranks
         self.server = server
         self.rendezvous = rendezvous
         self.hang_timeout = hang_timeout
@@ -49,25 +52,33 @@ class Collector:
         self.controls: dict[str, Any] = {}  # the state every rank should have: sent again to late joiners
         self._send_lock = threading.Lock()
         self.connections: dict[int, Connection] = {}
-        self.outputs = outputs
-        self.tails = {r.rank: deque(maxlen=50) for r in ranks}
-        self._partial = {r.rank: b"" for r in ranks}
-        self._logs = {r.rank: open(run.path / f"rank{r.rank}.log", "ab") for r in ranks}
         self.selector = selectors.DefaultSelector()
         self.selector.register(server, selectors.EVENT_READ, self._accept)
-        for rank, stream in outputs.items():
-            os.set_blocking(stream.fileno(), False)
-            self.selector.register(stream, selectors.EVENT_READ, partial(self._read_output, rank))
+        self.restarts = Restarts(self, starter, attempt, list(announce))
+        self._adopt(ranks, outputs)
         self.thread = threading.Thread(target=self._loop, name=f"ddlkit-collector-{run.id}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def _adopt(self, ranks: list[RankState], outputs: dict[int, IO[bytes]]) -> None:
+        """Supervise a new set of ranks: at launch and for every restart."""
+        self.ranks = ranks
+        self.outputs = outputs
+        self.kill_at = None
+        self.tails = {r.rank: deque(maxlen=50) for r in ranks}
+        self._partial = {r.rank: b"" for r in ranks}
+        self._logs = {r.rank: open(self.run.path / f"rank{r.rank}.log", "ab") for r in ranks}
+        for rank, stream in outputs.items():
+            os.set_blocking(stream.fileno(), False)
+            self.selector.register(stream, selectors.EVENT_READ, partial(self._read_output, rank))
 
     # ---- the loop ---------------------------------------------------------
     def _loop(self) -> None:
         internal_error = None
         try:
             all_exited_at = None
+            self.run._record(self.restarts.announce)
             while True:
                 batch: list[dict[str, Any]] = []
                 for key, _ in self.selector.select(SELECT_S):
@@ -80,7 +91,9 @@ class Collector:
                     all_exited_at = all_exited_at or now
                     drained = not self.connections and not self.outputs
                     if drained or now - all_exited_at > DRAIN_S:
-                        break
+                        if not self.restarts.next_attempt():
+                            break
+                        all_exited_at = None
         except BaseException:  # a bug here must still end the workers
             internal_error = traceback.format_exc()
         finally:
@@ -107,7 +120,9 @@ class Collector:
             if self.stop_requested:
                 self.kill_at = now + (GRACEFUL_STOP_S if self.graceful_stop else 0.0)
             elif any(r.failed for r in self.ranks):
-                self.kill_at = now + FAILURE_GRACE_S
+                self.kill_at = now + (RESTART_GRACE_S if self.restarts.left() else FAILURE_GRACE_S)
+            elif self.restarts.new_config is not None:  # the ranks stop at a step and save it: give them time
+                self.kill_at = now + RELAUNCH_STOP_S
             else:
                 self._detect_hang(now)
         if self.kill_at is not None and now >= self.kill_at:
@@ -131,6 +146,13 @@ class Collector:
             self.kill_at = now + STACK_DUMP_S
 
     def _clean_up(self) -> None:
+        self._end_ranks()
+        self.selector.close()
+        self.server.close()
+        self.rendezvous.close()
+
+    def _end_ranks(self) -> None:
+        """Kill what is left of this set of ranks and close what connects to it."""
         deadline = time.time() + 5.0
         for state in self.ranks:
             kill_group(state.process.pid)  # also reaches anything a worker started
@@ -141,11 +163,9 @@ class Collector:
         for rank in list(self.outputs):
             self._close_output(rank)
         for conn in self.connections.values():
+            self.selector.unregister(conn)
             conn.close()
         self.connections.clear()
-        self.selector.close()
-        self.server.close()
-        self.rendezvous.close()
         for log in self._logs.values():
             log.close()
 
@@ -208,6 +228,8 @@ class Collector:
             state.traceback, state.error_at = event.get("traceback", ""), event.get("time", time.time())
         elif kind == "finished":
             state.finished = True
+            self.restarts.stopped_early = self.restarts.stopped_early or bool(event.get("stopped"))
+        event["attempt"] = self.restarts.attempt
         batch.append(event)
 
     def _read_output(self, rank: int, _batch: list[dict[str, Any]]) -> None:
@@ -223,6 +245,10 @@ class Collector:
         *lines, self._partial[rank] = (self._partial[rank] + data).split(b"\n")
         for line in lines:
             self._emit(rank, line)
+
+    def _emit_note(self, line: str) -> None:
+        if self.echo is not None:
+            self.echo(f"ddlkit: {line}")
 
     def _emit(self, rank: int, line: bytes) -> None:
         text = line.decode(errors="replace").rstrip("\r")

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 STRATEGIES = ("single", "data", "ps", "hogwild")
+# Strategies that implement the checkpoint contract (ddlkit.strategies docstring).
+CHECKPOINTABLE = ("single", "data")
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -57,7 +59,17 @@ class RunConfig:
     hang_timeout: float = 120.0
     # Teaching and testing: make one rank fail on purpose, e.g.
     # {"rank": 1, "step": 5, "kind": "exception"}; kind is one of FAULT_KINDS.
-    fault: dict[str, Any] | None = None
+    # Optional "attempt" (default 0): the fault fires only in that attempt, so a
+    # restarted run does not fail again at the same step. A list of such dicts
+    # injects several faults (e.g. one per attempt).
+    fault: dict[str, Any] | list[dict[str, Any]] | None = None
+    # Fault tolerance (ddlkit.checkpoint, ddlkit.elastic): save the training
+    # state every `checkpoint_every` steps (None: never), keep the newest
+    # `keep_checkpoints`; restart all ranks from the newest checkpoint up to
+    # `max_restarts` times when one dies or hangs.
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    max_restarts: int = 0
     # Model size knobs, read by ddlkit.models.
     hidden: int = 128
     seq_len: int = 32
@@ -117,6 +129,7 @@ class RunConfig:
         self._validate_fault()
         self._validate_stragglers()
         self._validate_parameter_server()
+        self._validate_fault_tolerance()
 
     def _validate_device(self) -> None:
         if self.device == "cpu":
@@ -135,14 +148,31 @@ class RunConfig:
     def _validate_fault(self) -> None:
         if self.fault is None:
             return
-        valid = "a dict like {'rank': 1, 'step': 5, 'kind': 'exception'}"
-        if not isinstance(self.fault, dict) or set(self.fault) != {"rank", "step", "kind"}:
-            raise ValueError(f"fault={self.fault!r} is invalid: it must be {valid}")
-        if not 0 <= int(self.fault["rank"]) < self.world_size:
-            raise ValueError(f"fault rank={self.fault['rank']!r} is invalid: valid ranks are 0..{self.world_size - 1}")
-        if not 0 <= int(self.fault["step"]) < self.steps:
-            raise ValueError(f"fault step={self.fault['step']!r} is invalid: valid steps are 0..{self.steps - 1}")
-        _one_of("fault kind", self.fault["kind"], FAULT_KINDS)
+        valid = "a dict like {'rank': 1, 'step': 5, 'kind': 'exception'} (optionally with 'attempt': 0), or a list of them"
+        for fault in self.fault if isinstance(self.fault, list) else [self.fault]:
+            if not isinstance(fault, dict) or not {"rank", "step", "kind"} <= set(fault) <= {"rank", "step", "kind", "attempt"}:
+                raise ValueError(f"fault={fault!r} is invalid: it must be {valid}")
+            if not 0 <= int(fault["rank"]) < self.world_size:
+                raise ValueError(f"fault rank={fault['rank']!r} is invalid: valid ranks are 0..{self.world_size - 1}")
+            if not 0 <= int(fault["step"]) < self.steps:
+                raise ValueError(f"fault step={fault['step']!r} is invalid: valid steps are 0..{self.steps - 1}")
+            _one_of("fault kind", fault["kind"], FAULT_KINDS)
+            attempt = fault.get("attempt", 0)
+            if not isinstance(attempt, int) or isinstance(attempt, bool) or not 0 <= attempt <= self.max_restarts:
+                raise ValueError(f"fault attempt={attempt!r} is invalid: with max_restarts={self.max_restarts} "
+                                 f"valid attempts are 0..{self.max_restarts}")
+
+    def _validate_fault_tolerance(self) -> None:
+        if self.checkpoint_every is not None:
+            _positive_int("checkpoint_every", self.checkpoint_every)
+            if self.strategy not in CHECKPOINTABLE:
+                raise ValueError(f"checkpoint_every={self.checkpoint_every} is invalid for strategy={self.strategy!r}: "
+                                 f"checkpoints are written by the strategies {list(CHECKPOINTABLE)}; "
+                                 "use checkpoint_every=None (restarts then begin again at step 0)")
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts={self.max_restarts!r} is invalid: it must be an integer >= 0 "
+                             "(0: a failed rank fails the run)")
 
     def _validate_stragglers(self) -> None:
         for name, smallest, meaning in (("slowdown", 1, "a factor >= 1"), ("delay_s", 0, "seconds >= 0")):

@@ -25,18 +25,20 @@ from torch.distributed import TCPStore
 
 from .channel import ChannelServer, new_token
 from .config import DEVICES, RunConfig
+from .elastic import continue_run, resume_folder
 from .run import Run
 from .supervise import ForkedProcess, RankState
 
 
 def launch(
-    target: RunConfig | Callable[..., Any] | str,
+    target: RunConfig | Callable[..., Any] | str | None = None,
     *args: Any,
     num_processes: int | None = None,
     device: str = "auto",
     run_dir: str = "runs",
     hang_timeout: float | None = None,
     echo: bool | Callable[[str], None] = True,
+    resume: str | os.PathLike | None = None,
 ) -> Run:
     """Start a run in the background and return its :class:`Run` at once.
 
@@ -46,17 +48,25 @@ def launch(
     importable name ``"module:function"`` of one. Worker output reaches
     ``echo`` (print, by default) tagged by rank.
 
+    ``resume="runs/<id>"`` continues that run (its folder, events and run id)
+    from its newest valid checkpoint, with the folder's config unless a
+    RunConfig is given (see ``ddlkit.elastic``).
+
     >>> import ddlkit
     >>> run = ddlkit.launch(ddlkit.RunConfig(strategy="data", world_size=2, steps=5), echo=False)
     >>> run.wait(timeout=120).status
     'done'
     """
+    if resume is not None:  # the run folder's config, unless another is given
+        target = target or RunConfig.load(resume_folder(resume) / "config.json")
     if isinstance(target, RunConfig):
         if args or num_processes is not None:
             raise TypeError("a RunConfig carries its own settings: pass world_size in the config, not num_processes/args")
         target.validate()
         return _start(target.world_size, target.resolved_device(), Path(target.run_dir), target.hang_timeout,
-                      echo, config=target)
+                      echo, config=target, resume=None if resume is None else resume_folder(resume))
+    if resume is not None:
+        raise TypeError("resume= continues a built-in experiment: pass a RunConfig (or none), not a function")
     if not (callable(target) or isinstance(target, str)):
         raise TypeError(f"launch() takes a RunConfig, a function or 'module:function', not {type(target).__name__}")
     world_size = 2 if num_processes is None else num_processes
@@ -67,38 +77,65 @@ def launch(
 
 def _start(world_size: int, device: str, runs_root: Path, hang_timeout: float | None,
            echo: bool | Callable[[str], None], config: RunConfig | None = None,
-           function: Callable[..., Any] | str | None = None, args: tuple = ()) -> Run:
+           function: Callable[..., Any] | str | None = None, args: tuple = (), resume: Path | None = None) -> Run:
     spawn_name = _spawnable_name(function, args, device) if function is not None else None
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-    path = runs_root / run_id
-    path.mkdir(parents=True)
-    if config is not None:
-        config.save(path / "config.json")
-        argv = [sys.executable, "-m", "ddlkit.worker", str(path / "config.json")]
-    else:
-        argv = [sys.executable, "-m", "ddlkit.worker", "--function", spawn_name or ""]
     target = "config" if config is not None else spawn_name or getattr(function, "__qualname__", repr(function))
-    started = time.time()
-    run = Run(run_id, path, world_size, started, meta={"target": target, "device": device})
-
-    rendezvous = Rendezvous()
-    server = ChannelServer(new_token())
-    threads = (config.threads if config is not None else None) or max(1, len(os.sched_getaffinity(0)) // world_size)
-    ranks, outputs = [], {}
-    kernel_fds = [server.fileno()]  # a forked worker must not hold the kernel's sockets open
-    for rank in range(world_size):
-        env = worker_env(rank, world_size, rendezvous.port, server, path, device, threads)
-        if config is not None or spawn_name is not None:
-            if spawn_name is not None:
-                env["DDLKIT_ARGS"] = json.dumps(list(args))
-            process, output = spawn_worker(argv, env)
-        else:
-            process, output = fork_worker(rank, env, function, args, path, threads, kernel_fds)
-        kernel_fds.append(output.fileno())
-        ranks.append(RankState(rank, process, progress_at=started))
-        outputs[rank] = output
-    run._supervise(ranks, outputs, server, rendezvous, hang_timeout, echo)
+    if resume is None:
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        path = runs_root / run_id
+        path.mkdir(parents=True)
+        run = Run(run_id, path, world_size, time.time(), meta={"target": target, "device": device})
+        announce, attempt, checkpoint = [], 0, None
+    else:  # the same run folder, its events, and attempt numbers that go on
+        run, announce, checkpoint = continue_run(resume, world_size, echo)
+        attempt = announce[0]["attempt"]
+    starter = Starter(run.path, device, Rendezvous(), ChannelServer(new_token()), config, function, spawn_name, args)
+    ranks, outputs = starter.start(world_size, attempt, checkpoint)
+    run._supervise(ranks, outputs, starter.server, starter.rendezvous, hang_timeout, echo,
+                   starter=starter, attempt=attempt, announce=announce)
     return run
+
+
+class Starter:
+    """Starts one attempt's ranks: at launch, and again for every restart or
+    new layout (the collector calls it), always the same way."""
+
+    def __init__(self, path: Path, device: str, rendezvous: "Rendezvous", server: ChannelServer,
+                 config: RunConfig | None, function: Callable[..., Any] | str | None, spawn_name: str | None,
+                 args: tuple):
+        self.path, self.device, self.rendezvous, self.server = path, device, rendezvous, server
+        self.config, self.function, self.spawn_name, self.args = config, function, spawn_name, args
+
+    def start(self, world_size: int, attempt: int = 0, checkpoint: Path | None = None,
+              config: RunConfig | None = None) -> tuple[list[RankState], dict[int, io.BufferedIOBase]]:
+        """Start every rank of attempt ``attempt``, resuming from ``checkpoint``
+        if given; ``config`` replaces the run's (a new layout)."""
+        self.config = config or self.config
+        if self.config is not None:
+            self.config.save(self.path / "config.json")  # what a later resume of this folder runs
+            argv = [sys.executable, "-m", "ddlkit.worker", str(self.path / "config.json")]
+        else:
+            argv = [sys.executable, "-m", "ddlkit.worker", "--function", self.spawn_name or ""]
+        started = time.time()
+        threads = (self.config.threads if self.config is not None else None) or \
+            max(1, len(os.sched_getaffinity(0)) // world_size)
+        ranks, outputs = [], {}
+        kernel_fds = [self.server.fileno()]  # a forked worker must not hold the kernel's sockets open
+        for rank in range(world_size):
+            env = worker_env(rank, world_size, self.rendezvous.port, self.server, self.path, self.device, threads,
+                             attempt)
+            if checkpoint is not None:
+                env["DDLKIT_RESUME"] = str(checkpoint)
+            if self.config is not None or self.spawn_name is not None:
+                if self.spawn_name is not None:
+                    env["DDLKIT_ARGS"] = json.dumps(list(self.args))
+                process, output = spawn_worker(argv, env)
+            else:
+                process, output = fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
+            kernel_fds.append(output.fileno())
+            ranks.append(RankState(rank, process, progress_at=started))
+            outputs[rank] = output
+        return ranks, outputs
 
 
 class Rendezvous:

@@ -90,10 +90,9 @@ class Run:
     def metrics(self) -> pd.DataFrame:
         """One row per (rank, logged step); ``time`` is seconds since launch."""
         with self._lock:
-            count = len(self._rows)
-            if self._table is None or self._table[0] != count:
-                table = pd.DataFrame(self._rows[:count], columns=_columns(self._rows[:count]))
-                self._table = (count, table)
+            rows = self._rows
+            if self._table is None or self._table[0] != len(rows):
+                self._table = (len(rows), pd.DataFrame(rows, columns=_columns(rows)))
             return self._table[1]
 
     def wait(self, timeout: float | None = None) -> "Run":
@@ -146,6 +145,32 @@ class Run:
             raise RuntimeError(f"run {self.id} is {self.status}: there is nothing to control")
         self._collector.send_control(changes)
 
+    def relaunch(self, world_size: int | None = None, strategy: str | None = None) -> None:
+        """Change the parallel layout of a running built-in experiment: the ranks
+        stop together at a step and checkpoint it, and the same run goes on from
+        that step with ``world_size`` ranks of ``strategy``. The global batch
+        stays the same (``batch_size`` per rank is rescaled), so the loss curve
+        continues; a ``layout`` event marks the step. Needs ``checkpoint_every``.
+
+        >>> import ddlkit
+        >>> cfg = ddlkit.RunConfig(strategy="data", world_size=2, steps=400, checkpoint_every=50)
+        >>> run = ddlkit.launch(cfg, echo=False)
+        >>> run.relaunch(world_size=1)
+        >>> run.wait(300).world_size
+        1
+        """
+        from .elastic import resized
+
+        if self.meta.get("target") != "config":
+            raise RuntimeError("relaunch acts on built-in experiments (a RunConfig), not on a launched function")
+        if self._collector is None or self._ended.is_set():
+            raise RuntimeError(f"run {self.id} is {self.status}: there is nothing to relaunch")
+        restarts = self._collector.restarts
+        if restarts.starter.config.checkpoint_every is None:
+            raise ValueError("relaunch needs checkpoints: launch the run with checkpoint_every set")
+        restarts.new_config = resized(restarts.starter.config, world_size, strategy)
+        self._collector.send_control({"stop": True})
+
     def set_lr(self, lr: float) -> None:
         self.control(lr=lr)
 
@@ -183,18 +208,23 @@ class Run:
 
     # ---- fed by the launcher and the collector ---------------------------
     def _supervise(self, ranks: list["RankState"], outputs: dict[int, IO[bytes]], server: "ChannelServer",
-                   rendezvous: Any, hang_timeout: float | None, echo: bool | Callable[[str], None]) -> None:
+                   rendezvous: Any, hang_timeout: float | None, echo: bool | Callable[[str], None],
+                   **attempts: Any) -> None:
         from .collector import Collector
 
-        self.pids = [state.process.pid for state in ranks]
         self.ports = [rendezvous.port, server.address[1]]
-        _write_json(self.path / "run.json", {"id": self.id, "started": self.started, "world_size": self.world_size,
-                                             "pids": self.pids, "ports": self.ports, **self.meta})
+        self._add_pids([state.process.pid for state in ranks])
         self._log = open(self.path / "events.jsonl", "a")
-        self._collector = Collector(self, ranks, outputs, server, rendezvous, hang_timeout, echo)
+        self._collector = Collector(self, ranks, outputs, server, rendezvous, hang_timeout, echo, **attempts)
         with _live_lock:
             _live_runs.add(self)
         self._collector.start()
+
+    def _add_pids(self, pids: list[int]) -> None:
+        """Every worker of every attempt, so that all of them can be checked gone."""
+        self.pids += pids
+        _write_json(self.path / "run.json", {"id": self.id, "started": self.started, "world_size": self.world_size,
+                                             "pids": self.pids, "ports": self.ports, **self.meta})
 
     def _record(self, events: list[dict[str, Any]]) -> None:
         """Called by the collector thread, and by the kernel's thread for control requests."""
@@ -208,11 +238,23 @@ class Run:
     def _add(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)
         for event in events:
+            if event.get("type") in ("restart", "layout"):
+                self._supersede(event)
             if event.get("type") == "step":
                 row = {k: v for k, v in event.items() if k != "type"}
                 row["time"] = event["time"] - self.started
                 self._rows.append(row)
                 self.steps_done = max(self.steps_done, row["step"] + 1)
+
+    def _supersede(self, event: dict[str, Any]) -> None:
+        """A new attempt redoes the steps from its checkpoint on: the rows the
+        old attempt logged for them leave ``metrics`` (they stay in ``events``,
+        where the steps redone can be counted), so the loss curve is one line."""
+        self._rows = [row for row in self._rows if row["step"] < event["from_step"]]
+        self.steps_done = max((row["step"] + 1 for row in self._rows), default=0)
+        self._table = None
+        if event["type"] == "layout":
+            self.world_size = event["world_size"]
 
     def _set_status(self, status: str) -> None:
         if self._status in LIVE:
@@ -233,7 +275,7 @@ class Run:
 
     def _summarise(self, status: str, ended: float) -> dict[str, Any]:
         finished = [e for e in self.events if e.get("type") == "finished"]
-        rank0 = next((e for e in finished if e["rank"] == 0), {})
+        rank0 = next((e for e in reversed(finished) if e["rank"] == 0), {})  # the last attempt's
         table = self.metrics
         summary: dict[str, Any] = {"run_id": self.id, "status": status, "world_size": self.world_size,
                                    "wall_s": round(ended - self.started, 3)}
@@ -267,7 +309,7 @@ def load_run(path: str | os.PathLike) -> Run:
     if "started" not in meta:
         events.sort(key=lambda e: e["time"])
     started = meta.get("started", events[0]["time"] if events else 0.0)
-    world_size = meta.get("world_size", len({e["rank"] for e in events}))
+    world_size = meta.get("world_size", len({e["rank"] for e in events if "rank" in e}))
     run = Run(meta.get("id", path.name), path, world_size, started, meta)
     run._add(events)
     summary_path = path / "summary.json"

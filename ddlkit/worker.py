@@ -28,9 +28,11 @@ from typing import Any, Callable, NoReturn
 import torch
 import torch.distributed as dist
 
+from .checkpoint import Checkpointer
 from .config import RunConfig
 from .control import ControlSync
 from .data import ShardedStream, load_dataset
+from .elastic import attempt_number, faults_for, join_attempt_group
 from .models import build_model
 from .reporter import Reporter
 from .stragglers import Straggler
@@ -45,6 +47,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     # A peer that hangs must not hold the others forever: the kernel's hang
     # detector fires first, this timeout is the backstop.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=2 * cfg.hang_timeout))
+    join_attempt_group(cfg.resolved_device(), timeout.timeout)  # a restarted attempt must not meet the old one's keys
     accelerator = Accelerator(cpu=cfg.resolved_device() == "cpu", kwargs_handlers=[timeout])
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
@@ -60,11 +63,14 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         return strategy.run(dataset, shard, ControlSync(reporter, rank, world_size, collective=False),
                             straggler, reporter, run_dir)
     controls = ControlSync(reporter, rank, world_size)
-    lr = cfg.lr
+    checkpoints = Checkpointer(cfg, strategy, run_dir, rank, world_size)
+    first_step, saved_lr = checkpoints.restore(os.environ.get("DDLKIT_RESUME"))
+    lr = cfg.lr if saved_lr is None else saved_lr  # the optimizer's state brought its own
+    faults = faults_for(cfg, rank, attempt_number())
 
     started = time.perf_counter()
-    steps_done = 0
-    for step in range(cfg.steps):
+    steps_done = first_step
+    for step in range(first_step, cfg.steps):
         live = controls.at_step(step)  # the same on every rank, at the same step
         if live.stop:
             break
@@ -77,8 +83,8 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         targets = dataset.targets[index].to(accelerator.device)
         wait_s = time.perf_counter() - step_start
 
-        if cfg.fault and cfg.fault["rank"] == rank and cfg.fault["step"] == step:
-            inject_fault(cfg.fault["kind"], step)
+        if step in faults:
+            inject_fault(faults[step], step)
         stats = strategy.step(inputs, targets)
         straggler.delay(live, step_start)  # a straggler, for teaching (slowdown, delay_s, delay_jitter_s)
         steps_done = step + 1
@@ -91,13 +97,24 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
             )
         else:
             reporter.last_step = step  # progress for the hang detector, no event
+        if checkpoints.due(steps_done) and steps_done < cfg.steps:
+            checkpoint_event(reporter, checkpoints.save(steps_done, lr), steps_done)
     train_s = time.perf_counter() - started
+    stopped = steps_done < cfg.steps
+    if stopped and cfg.checkpoint_every is not None and not checkpoints.due(steps_done):  # keep this step's state
+        checkpoint_event(reporter, checkpoints.save(steps_done, lr), steps_done)
 
     state = strategy.full_state_dict()
     if rank == 0:
         save_atomic(state, run_dir / "final_state.pt")
-    return {"steps": steps_done, "samples": steps_done * cfg.batch_size * strategy.dp_size, "train_s": train_s,
-            "stopped": steps_done < cfg.steps}
+    trained = steps_done - first_step
+    return {"steps": steps_done, "samples": trained * cfg.batch_size * strategy.dp_size, "train_s": train_s,
+            "stopped": stopped}
+
+
+def checkpoint_event(reporter: Reporter, path: Path | None, next_step: int) -> None:
+    if path is not None:  # rank 0 finished it
+        reporter.send({"type": "checkpoint", "step": next_step, "path": str(path)}, now=True)
 
 
 def inject_fault(kind: str, step: int) -> None:

@@ -15,6 +15,17 @@ What the training loop (``ddlkit.worker.train``) asks of a strategy:
 - ``set_lr(lr)``: change the learning rate (all ranks do it at the same step).
 - ``full_state_dict()``: called on every rank (it may gather); rank 0's return
   is the full model state on CPU, saved as the run's result.
+- Checkpoints (``ddlkit.checkpoint``), for ``checkpoint_every`` / restarts /
+  resume / live resize:
+  ``checkpoint_sharded`` (bool attribute): False = consolidated, rank 0's
+  ``checkpoint_state()`` is saved as one ``state.pt`` and EVERY rank is given
+  it back (any world size may resume); True = every rank saves and gets back
+  its own ``rank<r>.pt`` (resuming needs the same layout).
+  ``checkpoint_state() -> dict``: model and optimizer (and scheduler) state,
+  tensors/numbers/containers only (loaded with ``weights_only=True``); called
+  on every rank at the same step (it may gather). RNG, step and lr are added
+  by the checkpointer.
+  ``load_checkpoint_state(state)``: put that state back, before the first step.
 
 A strategy whose ranks do not step in lockstep (``ps``, ``hogwild``) defines
 ``run(dataset, shard, controls, straggler, reporter, run_dir) -> summary`` and

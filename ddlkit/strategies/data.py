@@ -33,6 +33,8 @@ class CommTimer:
 
 
 class DataParallel:
+    checkpoint_sharded = False  # every rank holds the whole model: rank 0 saves one consolidated copy
+
     def __init__(self, cfg, accelerator, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory):
         self.accelerator = accelerator
         self.task = task
@@ -59,3 +61,11 @@ class DataParallel:
         """Every rank holds the whole model: rank 0's copy is the full state."""
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def checkpoint_state(self) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

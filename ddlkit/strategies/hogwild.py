@@ -82,8 +82,10 @@ class Hogwild:
 
     def run(self, dataset, shard, controls, straggler, reporter, run_dir: Path) -> dict[str, Any]:
         from ..worker import inject_fault, save_atomic
+        from ..elastic import attempt_number, faults_for
 
         cfg, lr = self.cfg, self.cfg.lr
+        faults = faults_for(cfg, self.rank, attempt_number())
         self.attach(run_dir)
         started, steps_done = time.perf_counter(), 0
         for step in range(cfg.steps):
@@ -95,8 +97,8 @@ class Hogwild:
                 self.set_lr(lr)
             step_start = time.perf_counter()
             index = shard.indices(step)
-            if cfg.fault and cfg.fault["rank"] == self.rank and cfg.fault["step"] == step:
-                inject_fault(cfg.fault["kind"], step)
+            if step in faults:
+                inject_fault(faults[step], step)
             stats, read, applied = self.step(dataset.inputs[index], dataset.targets[index])
             reporter.send({"type": "update", "worker": self.rank, "step": step, "read_version": read,
                            "applied_version": applied, "staleness": applied - read, "dropped": False})

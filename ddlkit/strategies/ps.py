@@ -182,8 +182,10 @@ class ParameterServer:
     # ---- worker -------------------------------------------------------------
     def work(self, dataset, shard, controls, straggler, reporter) -> dict[str, Any]:
         from ..worker import inject_fault
+        from ..elastic import attempt_number, faults_for
 
         cfg = self.cfg
+        faults = faults_for(cfg, self.rank, attempt_number())
         versions = [0] * len(self.servers)  # every rank starts from the same seeded weights: version 0
         replies = [torch.empty(REPLY_HEADER + sum(p.numel() for p in s)) for s in self.shards]
         steps_done = 0
@@ -193,8 +195,8 @@ class ParameterServer:
                 break
             step_start = time.perf_counter()
             index = shard.indices(step)
-            if cfg.fault and cfg.fault["rank"] == self.rank and cfg.fault["step"] == step:
-                inject_fault(cfg.fault["kind"], step)
+            if step in faults:
+                inject_fault(faults[step], step)
             self.model.zero_grad(set_to_none=True)
             loss = loss_fn(self.task, self.model(dataset.inputs[index]), dataset.targets[index])
             loss.backward()

@@ -1,0 +1,216 @@
+"""Checkpoints: a run's whole training state at a step, written so that a crash
+at any moment leaves either the previous checkpoint or the new one, never half
+of one that gets loaded.
+
+One checkpoint is a folder ``runs/<id>/checkpoints/step-000040/`` holding the
+state files and a ``manifest.json`` (step, layout, and each file's size and
+sha256). It is written as ``step-000040.tmp/``: files, fsync, the manifest last,
+fsync, rename to its final name, fsync of the parent folder. A folder without a
+manifest, or whose files do not match it (truncated, overwritten), is skipped
+in favour of the previous one, with a message saying so.
+
+Two layouts, chosen by the strategy (``checkpoint_sharded``):
+
+- consolidated: rank 0 writes ``state.pt`` with the whole state (every rank of
+  single/data holds a full replica). Any world size can resume from it.
+- sharded: every rank writes ``rank<r>.pt`` with its own shard; resuming needs
+  the same layout.
+
+>>> import tempfile, torch
+>>> root = Path(tempfile.mkdtemp())
+>>> _ = save(root, 4, {"state.pt": {"w": torch.ones(2)}}, meta={"world_size": 1})
+>>> found = latest(root)
+>>> found.step, load_file(found.path / "state.pt")["w"].tolist()
+(4, [1.0, 1.0])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+CONSOLIDATED = "state.pt"
+
+
+def folder_of(run_path: str | os.PathLike) -> Path:
+    return Path(run_path) / "checkpoints"
+
+
+def name_of(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Found:
+    """The newest valid checkpoint, and the newer ones skipped (with why)."""
+
+    path: Path
+    step: int
+    manifest: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+
+
+def save(root: Path, step: int, files: dict[str, Any], meta: dict[str, Any], keep: int = 2,
+         rank: int = 0, sharded: bool = False, barrier=None) -> Path | None:
+    """Write this rank's ``files`` ({name: object}) of the checkpoint at
+    ``step`` (the next step to run). Every rank calls it; rank 0 finishes the
+    checkpoint (manifest, rename) and keeps the newest ``keep``. With
+    ``sharded`` every rank writes and ``barrier()`` (a collective) makes rank 0
+    wait for all files before it writes the manifest."""
+    tmp = root / (name_of(step) + ".tmp")
+    final = root / name_of(step)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt that died while writing
+        tmp.mkdir(parents=True)
+    if sharded and barrier is not None:
+        barrier()  # the folder exists before anyone writes into it
+    for name, obj in files.items():
+        _write_synced(tmp / name, obj)
+    if sharded and barrier is not None:
+        barrier()  # every shard is on disk before the manifest vouches for it
+    if rank != 0:
+        return None
+    entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    manifest = {"step": step, "layout": "sharded" if sharded else "consolidated", "files": entries, **meta}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a redone step's older copy
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def latest(root: Path) -> Found | None:
+    """The newest checkpoint whose manifest and files check out, or None."""
+    skipped = []
+    for path in sorted(root.glob("step-*[0-9]"), reverse=True):
+        problem = verify(path)
+        if problem is None:
+            manifest = json.loads((path / MANIFEST).read_text())
+            return Found(path, int(manifest["step"]), manifest, skipped)
+        skipped.append(f"checkpoint {path.name} is invalid ({problem}): skipped, never loaded")
+    return None
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is whole, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest: it was not finished"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {entry['bytes']}: truncated or overwritten"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest: corrupt"
+    return None
+
+
+def load_file(path: Path) -> Any:
+    """Tensors, numbers and containers only: ``weights_only`` never runs code from the file."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the training loop may draw from (numpy's is not
+    used while training: data order is a pure function of the step)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_synced(path: Path, obj: Any) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in sorted(root.glob("step-*[0-9]"), reverse=True)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for unfinished in root.glob("step-*.tmp"):  # older attempts' half-written ones
+        shutil.rmtree(unfinished, ignore_errors=True)
+
+
+class Checkpointer:
+    """The training loop's side: restore at start, save every ``checkpoint_every``
+    steps and when stopped. ``strategy`` provides ``checkpoint_state()``,
+    ``load_checkpoint_state(state)`` and ``checkpoint_sharded`` (see
+    ``ddlkit.strategies``)."""
+
+    def __init__(self, cfg, strategy, run_dir: Path, rank: int, world_size: int):
+        self.cfg = cfg
+        self.strategy = strategy
+        self.root = folder_of(run_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.sharded = bool(getattr(strategy, "checkpoint_sharded", False))
+
+    def restore(self, path: str | None) -> tuple[int, float | None]:
+        """Load the checkpoint the kernel chose (``DDLKIT_RESUME``): the step to
+        start at and the learning rate in force then (None: the config's)."""
+        if not path:
+            return 0, None
+        state = load_file(Path(path) / (f"rank{self.rank}.pt" if self.sharded else CONSOLIDATED))
+        self.strategy.load_checkpoint_state(state["strategy"])
+        restore_rng(state["rng"])
+        return int(state["step"]), state["lr"]
+
+    def due(self, steps_done: int) -> bool:
+        every = self.cfg.checkpoint_every
+        return every is not None and steps_done > 0 and steps_done % every == 0
+
+    def save(self, next_step: int, lr: float) -> Path | None:
+        """Every rank calls it (a strategy may gather); returns the folder on rank 0."""
+        import torch.distributed as dist
+
+        strategy_state = self.strategy.checkpoint_state()
+        files = {}
+        if self.sharded or self.rank == 0:
+            state = {"strategy": strategy_state, "rng": rng_state(), "step": next_step, "lr": lr}
+            files[f"rank{self.rank}.pt" if self.sharded else CONSOLIDATED] = state
+        meta = {"strategy": self.cfg.strategy, "world_size": self.world_size, "batch_size": self.cfg.batch_size}
+        barrier = dist.barrier if dist.is_initialized() else None
+        return save(self.root, next_step, files, meta, self.cfg.keep_checkpoints, self.rank, self.sharded, barrier)
