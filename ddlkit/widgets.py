@@ -26,10 +26,13 @@ LR_SEND_S = 0.25  # the slider sends at most this often while dragged; the last 
 
 @dataclass
 class Knob:
-    """One RunConfig field as a widget: ``make(value)`` builds it."""
+    """One RunConfig field as a widget: ``make(value)`` builds it; ``to_widget``
+    and ``to_config`` translate values a widget cannot hold (None, say)."""
 
     field: str
     make: Callable[[Any], widgets.ValueWidget]
+    to_widget: Callable[[Any], Any] = lambda value: value
+    to_config: Callable[[Any], Any] = lambda value: value
 
 
 def _int(description: str, low: int = 1, high: int = 1_000_000) -> Callable[[Any], widgets.ValueWidget]:
@@ -61,8 +64,11 @@ COMMON = [
 ]
 
 # What each strategy adds, e.g. "pipeline": [Knob("micro_batches", _int("micro-batches"))].
+# Checkpoints make a run resizable live (0: none, the field's None).
+CHECKPOINTS = Knob("checkpoint_every", _int("checkpoint every (0: off)", 0, 1_000_000),
+                   to_widget=lambda value: value or 0, to_config=lambda value: value or None)
 KNOBS: dict[str, list[Knob]] = {
-    "single": [], "data": [], "hogwild": [],
+    "single": [CHECKPOINTS], "data": [CHECKPOINTS], "hogwild": [],
     "ps": [Knob("servers", _int("servers", 1, 63)), Knob("sync", _choice("sync", SYNC_MODES)),
            Knob("staleness_bound", _int("staleness bound (ssp)", 0, 1000))],
 }
@@ -134,8 +140,9 @@ class ControlPanel:
     def config(self) -> RunConfig:
         """The RunConfig the widgets describe (fields without a widget come
         from the config the panel was made with)."""
-        knobs = {k.field for k in KNOBS.get(self.fields["strategy"].value, [])} | {k.field for k in COMMON}
-        config = self.base.replace(**{name: w.value for name, w in self.fields.items() if name in knobs})
+        knobs = {k.field: k for k in [*COMMON, *KNOBS.get(self.fields["strategy"].value, [])]}
+        config = self.base.replace(**{name: knobs[name].to_config(w.value) for name, w in self.fields.items()
+                                      if name in knobs})
         return config.replace(slowdown=self._slowdown() or None)
 
     def _slowdown(self) -> dict[int, float]:
@@ -204,8 +211,10 @@ class ControlPanel:
 
     # ---- widget plumbing ---------------------------------------------------------
     def _add_field(self, knob: Knob) -> None:
-        widget = knob.make(getattr(self.base, knob.field))
+        widget = knob.make(knob.to_widget(getattr(self.base, knob.field)))
         widget.observe(lambda _: self._validate(), "value")
+        if knob.field in ("world_size", "strategy"):
+            widget.observe(lambda _: self._relayout(), "value")
         widget.add_class(f"ddlkit-{knob.field}")  # a handle for browser tests and custom CSS
         self.fields[knob.field] = widget
 
@@ -225,6 +234,22 @@ class ControlPanel:
             self.status.value = f"<b style='color:#b00'>invalid:</b> {html.escape(problem)}"
         elif not live:
             self.status.value = "ready" if self.run is None else self._describe(self.run)
+
+    def _relayout(self) -> None:
+        """A new world size or strategy during a run: the run checkpoints,
+        stops and goes on in the new layout (``Run.relaunch``); refusals (an
+        invalid layout, no checkpoints) show in the error box."""
+        if self.run is None or self.run.status not in LIVE:
+            return
+        problem = self.check()
+        try:
+            if problem is not None:
+                raise ValueError(problem)
+            self.run.relaunch(world_size=self.fields["world_size"].value, strategy=self.fields["strategy"].value)
+        except (ValueError, RuntimeError) as error:
+            self._show_error(f"layout not changed: {error}")
+            return
+        self._show_error(None)
 
     def _straggler_changed(self, _change: dict[str, Any]) -> None:
         """Before a run: part of the config (validated). During one: sent live;

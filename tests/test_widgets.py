@@ -113,3 +113,30 @@ def test_the_straggler_row_sets_the_config_and_steers_a_running_ps_run(runs_dir)
     assert applied["slowdown"] == {"2": 1.0, "1": 3.0}
     panel.stop()
     assert run.status == "stopped"
+
+
+def test_changing_the_world_size_during_a_run_relaunches_it_in_the_new_layout(runs_dir):
+    panel = ControlPanel(RunConfig(strategy="data", world_size=2, steps=400, batch_size=8, device="cpu",
+                                   run_dir=runs_dir))
+    (checkpoints,) = panel.knob_box.children
+    assert panel.config().checkpoint_every is None  # 0 in the widget: off
+    run = panel.start()
+    wait_until(lambda: run.steps_done > 20, 60, "steps")
+    panel.fields["world_size"].value = 1  # without checkpoints: refused, the run goes on
+    assert "relaunch needs checkpoints" in panel.error.value and run.status == "running"
+    run.stop()
+    panel.fields["world_size"].value = 2
+    checkpoints.value = 10
+    assert panel.config().checkpoint_every == 10
+    run = panel.start()
+    wait_until(lambda: run.steps_done > 30, 60, "steps")
+    panel.fields["world_size"].value = 1
+    wait_until(lambda: any(e["type"] == "layout" for e in run.events), 60, "the new layout")
+    (layout,) = [e for e in run.events if e["type"] == "layout"]
+    assert layout["world_size"] == 1
+    wait_until(lambda: run.steps_done > layout["from_step"] + 5, 60, "steps in the new layout")
+    rows = run.metrics
+    assert set(rows[rows["step"] >= layout["from_step"]]["rank"]) == {0}  # one rank now
+    assert sorted(rows["step"].unique()) == list(range(rows["step"].max() + 1))  # no step lost
+    panel.stop()
+    assert run.status == "stopped"
