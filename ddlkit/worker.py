@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from .config import RunConfig
 from .control import ControlSync
 from .data import ShardedStream, load_dataset
+from .memory import MEMORY_STEP, MemoryMeter
 from .models import build_model
 from .reporter import Reporter
 from .strategies import build_strategy
@@ -74,7 +76,13 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
 
         if cfg.fault and cfg.fault["rank"] == rank and cfg.fault["step"] == step:
             inject_fault(cfg.fault["kind"], step)
-        stats = strategy.step(inputs, targets)
+        measure = step == min(MEMORY_STEP, cfg.steps - 1)  # once per run: a `memory` event per rank
+        with MemoryMeter(strategy.optimizer) if measure else nullcontext() as meter:
+            stats = strategy.step(inputs, targets)
+        if measure:
+            reporter.send({"type": "memory", "step": step, **meter.measured()})
+        for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
+            reporter.send({**event, "step": step})
         slowdown = live.slowdown_of(rank)
         if slowdown > 1:  # a straggler, for teaching: this rank's work takes `slowdown` times as long
             time.sleep((slowdown - 1) * (time.perf_counter() - step_start))

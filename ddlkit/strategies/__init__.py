@@ -15,15 +15,21 @@ What the training loop (``ddlkit.worker.train``) asks of a strategy:
 - ``set_lr(lr)``: change the learning rate (all ranks do it at the same step).
 - ``full_state_dict()``: called on every rank (it may gather); rank 0's return
   is the full model state on CPU, saved as the run's result.
+- ``optimizer``: the torch optimizer of this rank's parameters; the worker's
+  ``ddlkit.memory.MemoryMeter`` reads parameters, gradients and state from it.
+
+Model parallelism (``pipeline``, ``tensor``, ``fsdp``, ``hybrid``) lives in
+``pipeline.py``, ``tensor.py``, ``fsdp.py``; ``hybrid.py`` builds their
+device mesh and hands each its dimensions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 
-from ..config import RunConfig
+from ..config import MODEL_PARALLEL, RunConfig
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -37,6 +43,8 @@ class StepStats:
     loss: torch.Tensor
     compute_s: float
     comm_s: float
+    # Events the worker sends for this step, adding "step" (pipeline spans).
+    events: list[dict] = field(default_factory=list)
 
 
 def make_optimizer(cfg: RunConfig) -> OptimizerFactory:
@@ -53,5 +61,9 @@ def make_optimizer(cfg: RunConfig) -> OptimizerFactory:
 def build_strategy(cfg: RunConfig, accelerator, model: torch.nn.Module, task: str):
     from .data import DataParallel
 
+    if cfg.strategy in MODEL_PARALLEL:
+        from .hybrid import build_on_mesh
+
+        return build_on_mesh(cfg, accelerator.device, model, task, make_optimizer(cfg))
     strategies = {"single": DataParallel, "data": DataParallel}
     return strategies[cfg.strategy](cfg, accelerator, model, task, make_optimizer(cfg))
