@@ -32,6 +32,7 @@ import torch.distributed as dist
 from .config import RunConfig
 from .control import ControlSync
 from .data import ShardedStream, load_dataset
+from .comm import CommCounter
 from .memory import MEMORY_STEP, MemoryMeter
 from .models import build_model
 from .reporter import Reporter
@@ -76,11 +77,13 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
 
         if cfg.fault and cfg.fault["rank"] == rank and cfg.fault["step"] == step:
             inject_fault(cfg.fault["kind"], step)
-        measure = step == min(MEMORY_STEP, cfg.steps - 1)  # once per run: a `memory` event per rank
-        with MemoryMeter(strategy.optimizer) if measure else nullcontext() as meter:
+        measure = step == min(MEMORY_STEP, cfg.steps - 1)  # once per run: `memory` and `comm` events per rank
+        with (MemoryMeter(strategy.optimizer) if measure else nullcontext()) as meter, \
+                (CommCounter() if measure else nullcontext()) as comm:
             stats = strategy.step(inputs, targets)
         if measure:
             reporter.send({"type": "memory", "step": step, **meter.measured()})
+            reporter.send({"type": "comm", "step": step, **comm.measured()})
         for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
             reporter.send({**event, "step": step})
         slowdown = live.slowdown_of(rank)

@@ -3,6 +3,7 @@ exact against one process, the pipeline's bubble and activation memory, FSDP's
 memory per rank, and the layouts refused before launch."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 import ddlkit
@@ -90,6 +91,37 @@ def test_fsdp_stores_a_shard_of_parameters_and_optimizer_state(runs_dir):
         assert ((ratio > 0.45) & (ratio < 0.55)).all(), (column, ratio.tolist())
     # Adam: two moments per parameter, plus a 4-byte step counter per tensor
     assert (ddp["optimizer_bytes"] - 2 * ddp["param_bytes"]).abs().lt(100).all()
+
+
+def test_communication_is_counted_per_collective(runs_dir):
+    """DDP all-reduces every gradient once: its payload is the parameter bytes.
+    FSDP hands over its shard twice (all-gathers for forward and backward) and
+    the full gradients once (reduce-scatter): twice as much. The pipeline only
+    sends one boundary activation (and its gradient) per micro-batch."""
+    runs = {s: _train(runs_dir, strategy=s, world_size=2, **extra)
+            for s, extra in (("data", {}), ("fsdp", {}), ("pipeline", dict(pp=2, cut_points=[2])))}
+    comm = {s: pd.DataFrame([e for e in run.events if e["type"] == "comm"]).set_index("rank")["comm_bytes"]
+            for s, run in runs.items()}
+    comm = {s: column.sort_index() for s, column in comm.items()}
+    params = timeline.memory_table(runs["data"]).set_index("rank")["param_bytes"]
+    # DDP adds a few bytes of bookkeeping collectives (32 bytes here)
+    assert ((comm["data"] >= params) & (comm["data"] < params + 100)).all()
+    assert ((comm["fsdp"] / params - 2).abs() < 0.05).all()
+    # batch x hidden x float32 crosses the cut (stage 0 sends activations,
+    # stage 1 their gradients), plus the 4-byte loss broadcast on both
+    assert (comm["pipeline"] == 16 * 32 * 4 + 4).all()
+
+
+def test_every_built_in_model_has_the_layers_validation_assumes():
+    from ddlkit.config import PIPELINE_LAYERS
+    from ddlkit.data import load_dataset
+    from ddlkit.models import build_model
+    from ddlkit.strategies.pipeline import balanced_cuts, pipeline_layers
+
+    for model, dataset in (("mlp", "digits"), ("cnn", "digits"), ("lm", "sonnets")):
+        assert len(pipeline_layers(build_model(model, load_dataset(dataset), 32, 16))) == PIPELINE_LAYERS[model]
+    assert balanced_cuts([5, 5, 5, 5], 4) == [1, 2, 3]
+    assert balanced_cuts([1, 1, 8, 1, 1, 4], 2) == [3]  # the largest stage as small as it can be: 10 | 6
 
 
 @pytest.mark.parametrize("changes, message", [
