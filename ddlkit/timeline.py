@@ -10,7 +10,8 @@ fraction of that window in which it ran none of its spans::
 
     bubble(rank, step) = 1 - busy(rank, step) / (last end - first start)
 
-averaged over the steps after ``warmup`` (the first steps pay for start-up).
+its median over the steps after ``warmup`` (the first steps pay for start-up;
+the median shrugs off a step that another process on the machine disturbed).
 Time spent sending and receiving between spans counts as idle, as it should:
 the stage is not computing. Theory for p pipeline ranks, m micro-batches and v
 stages per rank (v = 2 interleaved) with equal stages: (p-1)/(v*m + p-1).
@@ -53,7 +54,7 @@ def theory_bubble(pp: int, micro_batches: int, stages_per_rank: int = 1) -> floa
 
 
 def bubbles(run, warmup: int = 1) -> pd.DataFrame:
-    """Measured bubble per rank (mean over steps after ``warmup``), with the theory beside it."""
+    """Measured bubble per rank (median over steps after ``warmup``), with the theory beside it."""
     table = spans(run)
     table = table[table["step"] >= warmup]
     if table.empty:
@@ -62,7 +63,7 @@ def bubbles(run, warmup: int = 1) -> pd.DataFrame:
     window = table.groupby("step").agg(first=("start", "min"), last=("end", "max"))
     busy = table.groupby(["step", "rank"])["busy"].sum().reset_index()
     busy["bubble"] = 1 - busy["busy"] / (busy["step"].map(window["last"] - window["first"]))
-    measured = busy.groupby("rank")["bubble"].mean()
+    measured = busy.groupby("rank")["bubble"].median()
     stages_per_rank = int(table.groupby("rank")["stage"].nunique().max())
     pp = table["stage"].nunique() // stages_per_rank
     theory = theory_bubble(pp, table["micro_batch"].nunique(), stages_per_rank)

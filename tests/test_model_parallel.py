@@ -52,17 +52,17 @@ def test_parameters_equal_the_single_process_model(runs_dir, layout, single_batc
 
 @pytest.mark.parametrize("micro_batches", [2, 4, 8])
 def test_gpipe_bubble_matches_theory(runs_dir, micro_batches):
-    """Two balanced stages (teaching mode: each forward sleeps 20 ms, each
-    backward 40 ms, standing in for real work): the measured idle fraction is
+    """Two balanced stages (teaching mode: each forward sleeps 30 ms, each
+    backward 60 ms, standing in for real work): the measured idle fraction is
     within 0.05 of (p-1)/(m+p-1)."""
     run = _train(runs_dir, strategy="pipeline", world_size=2, pp=2, schedule="gpipe", micro_batches=micro_batches,
-                 stage_delay=0.02, steps=3)
+                 stage_delay=0.03, steps=4)
     table = timeline.bubbles(run, warmup=1)
     assert table["theory"].iloc[0] == pytest.approx(1 / (micro_batches + 1))
     assert len(table) == 2
     assert abs(timeline.bubble_fraction(run) - 1 / (micro_batches + 1)) < 0.05, table
     spans = timeline.spans(run)
-    assert len(spans) == 3 * 2 * micro_batches * 2  # steps x stages x micro-batches x (forward, backward)
+    assert len(spans) == 4 * 2 * micro_batches * 2  # steps x stages x micro-batches x (forward, backward)
     assert len(timeline.traces(run)) == 2
 
 
