@@ -118,6 +118,9 @@ class RunConfig:
         if not isinstance(self.stage_delay, (int, float)) or isinstance(self.stage_delay, bool) or self.stage_delay < 0:
             raise ValueError(f"stage_delay={self.stage_delay!r} is invalid: it must be a number of seconds >= 0")
         if self.strategy not in MODEL_PARALLEL:
+            if (self.dp, self.pp, self.tp) != (1, 1, 1):
+                raise ValueError(f"dp={self.dp}, pp={self.pp}, tp={self.tp} is invalid for strategy={self.strategy!r}: "
+                                 f"degrees are read by {list(MODEL_PARALLEL)}; leave them at 1 or pick one of those")
             return
         from .layout import check_layout  # deferred: the rules live beside the layouts
 

@@ -81,7 +81,7 @@ def in_flight(run) -> pd.DataFrame:
     alive at once (GPipe: all m; 1F1B: at most the number of stages)."""
     table = spans(run)
     most: dict[int, int] = {}
-    for (_step, stage), group in table.groupby(["step", "stage"]):
+    for (_step, _rank, stage), group in table.groupby(["step", "rank", "stage"]):  # each replica's stage apart
         alive = peak = 0
         for phase in group.sort_values("start")["phase"]:
             alive += 1 if phase == "forward" else -1
@@ -92,7 +92,8 @@ def in_flight(run) -> pd.DataFrame:
 
 def traces(run, last_steps: int = 2) -> list[Any]:
     """A Gantt chart of the last ``last_steps`` steps as plotly traces: one row
-    per stage, forward and backward bars coloured, bubbles as the gaps.
+    per stage (and rank, when dp replicas hold the same stage), forward and
+    backward bars coloured, bubbles as the gaps.
 
     >>> import plotly.graph_objects as go
     >>> fig = go.Figure(traces(run))  # doctest: +SKIP
@@ -108,7 +109,8 @@ def traces(run, last_steps: int = 2) -> list[Any]:
         part = table[table["phase"] == phase]
         out.append(go.Bar(
             name=phase, orientation="h", marker_color=colour, offsetgroup="spans",  # same row, not side by side
-            base=part["start"], x=part["end"] - part["start"], y=[f"stage {s}" for s in part["stage"]],
+            base=part["start"], x=part["end"] - part["start"],
+            y=[f"stage {s} · rank {r}" for s, r in zip(part["stage"], part["rank"])],
             text=[f"{m}" for m in part["micro_batch"]], textposition="inside",
             hovertext=[f"step {s}, micro-batch {m}, rank {r}" for s, m, r in zip(part["step"], part["micro_batch"],
                                                                                   part["rank"])],

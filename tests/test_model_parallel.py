@@ -142,6 +142,7 @@ def test_every_built_in_model_has_the_layers_validation_assumes():
     (dict(strategy="tensor", world_size=2, tp=2, hidden=33), "hidden must be a multiple of tp"),
     (dict(strategy="tensor", world_size=3, tp=3, model="lm", dataset="sonnets", hidden=48), "attention heads"),
     (dict(strategy="pipeline", world_size=2, pp=2, stage_delay=-1), "stage_delay"),
+    (dict(strategy="data", world_size=2, pp=2), "degrees are read by"),
 ])
 def test_impossible_layouts_are_refused_before_launch(runs_dir, no_leftovers, changes, message):
     changes = {k: v for k, v in changes.items() if not k.endswith("_")}
