@@ -12,11 +12,11 @@ event. All numbers are this rank's own bytes (a DTensor counts its local shard):
   backward at any moment of the step. On CPU there is no allocator high-water
   mark to read, so it is counted with ``torch.autograd.graph.saved_tensors_hooks``:
   each tensor saved for backward adds its storage's bytes (a storage saved
-  twice counts once) until autograd frees it after its backward. Parameters
-  saved for backward are not activations and are not counted. This leaves out
+  twice counts once) until autograd frees it after its backward. This leaves out
   short-lived temporaries (never saved), so it is the memory activations keep
   alive between forward and backward, which is what pipeline schedules and
-  micro-batching change.
+  micro-batching change. Parameters saved for backward (also as views, such as
+  ``weight.t()``) are not activations and are not counted.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ class MemoryMeter:
         self._saved: dict[int, list[int]] = {}  # storage address -> [bytes, times saved and not yet freed]
 
     def __enter__(self) -> "MemoryMeter":
+        self._param_storages = {local(p).untyped_storage().data_ptr() for p in self._params()}
         self._grad_hook = self.optimizer.register_step_pre_hook(self._count_grads)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
@@ -71,9 +72,13 @@ class MemoryMeter:
         self.grad_bytes = max(self.grad_bytes, _bytes(p.grad for p in self._params() if p.grad is not None))
 
     def _pack(self, tensor: torch.Tensor) -> Any:
-        if isinstance(tensor, torch.nn.Parameter):
+        # A weight is often saved as a view (``weight.t()`` for a matmul): a
+        # parameter, not an activation.
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
             return tensor
         storage = local(tensor).untyped_storage()
+        if storage.data_ptr() in self._param_storages:
+            return tensor
         entry = self._saved.setdefault(storage.data_ptr(), [storage.nbytes(), 0])
         if entry[1] == 0:
             self._live_bytes += entry[0]

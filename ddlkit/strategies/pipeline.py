@@ -158,7 +158,9 @@ class PipelineParallel:
         # activations and their gradients travel between stages by send/recv.
         holds_first, holds_last = 0 in self.stage_ids, dist.get_rank() == self.last_stage_rank
         args = (inputs,) if holds_first else ()
-        self.schedule.step(*args, target=targets if holds_last else None, losses=losses)
+        # return_outputs=False: merging the last stage's outputs would keep every
+        # micro-batch's output (and its autograd graph) alive to the end of the step.
+        self.schedule.step(*args, target=targets if holds_last else None, losses=losses, return_outputs=False)
         # Phase 2: hybrid dp x pp: average each stage's gradients over its replicas.
         comm_s = average_gradients(self.params, self.dp_group)
         # Phase 3: every stage updates its own parameters.
