@@ -118,6 +118,25 @@ def traces(run, last_steps: int = 2) -> list[Any]:
     return out
 
 
+def figure(run, last_steps: int = 2):
+    """The Gantt chart as a ready figure (for notebooks; dashboards take :func:`traces`)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(traces(run, last_steps), layout=dict(
+        barmode="overlay", height=120 + 40 * run.world_size, xaxis_title="seconds since launch",
+        title=f"pipeline timeline, last {last_steps} steps (gaps: bubble)"))
+
+
+def memory_traces(run) -> list[Any]:
+    """Per-rank memory as stacked plotly bars (MiB): parameters, gradients,
+    optimizer state, peak saved activations."""
+    import plotly.graph_objects as go
+
+    table = memory_table(run)
+    return [go.Bar(name=column.removesuffix("_bytes").replace("_", " "), x=[f"rank {r}" for r in table["rank"]],
+                   y=table[column] / 2**20) for column in table.columns[1:]]
+
+
 def memory_table(run) -> pd.DataFrame:
     """One row per rank from its ``memory`` event: bytes of parameters,
     gradients, optimizer state and peak saved activations."""

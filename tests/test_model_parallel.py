@@ -75,6 +75,7 @@ def test_gpipe_bubble_matches_theory(runs_dir, micro_batches):
     spans = timeline.spans(run)
     assert len(spans) == 4 * 2 * micro_batches * 2  # steps x stages x micro-batches x (forward, backward)
     assert len(timeline.traces(run)) == 2
+    assert len(timeline.figure(run).data) == 2 and len(timeline.memory_traces(run)) == 4
 
 
 def test_1f1b_keeps_fewer_micro_batches_alive_than_gpipe(runs_dir):

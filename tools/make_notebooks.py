@@ -98,13 +98,9 @@ single = ddlkit.launch(base.replace(strategy="single", world_size=1), echo=False
 for run in (gpipe, one_f_one_b, single):
     run.wait(timeout=300)"""),
     ("md", """Each stage recorded a span per micro-batch and phase. The timeline of the
-last two steps: forward in blue, backward in orange, the bubble is the white
-space."""),
-    ("code", """import plotly.graph_objects as go
-
-figure = go.Figure(timeline.traces(gpipe), layout=dict(title="GPipe, p=2, m=4", xaxis_title="seconds since launch",
-                                                       height=260, barmode="overlay"))
-figure"""),
+last two steps (one row per stage): forward in blue, backward in orange, the
+bubble is the white space."""),
+    ("code", """timeline.figure(gpipe)"""),
     ("md", """Measured bubble: for each step, a rank's idle share of the window from the
 first span's start to the last span's end (any rank), averaged over steps
 after the first. Theory beside it."""),
@@ -181,21 +177,23 @@ for name, run in (("dp x pp", dp_pp), ("dp x tp", dp_tp)):
     assert gap < 1e-5"""),
     ("md", """The dp x pp run's pipeline timeline, both replicas' stages on one chart
 (stage 0 is on ranks 0 and 2):"""),
-    ("code", """import plotly.graph_objects as go
-
-go.Figure(timeline.traces(dp_pp), layout=dict(height=260, barmode="overlay", xaxis_title="seconds since launch"))"""),
+    ("code", """timeline.figure(dp_pp)"""),
     ("md", """## FSDP against DDP
 
 Same model, two ranks, Adam (two moment buffers per parameter). Each rank
 measured its own bytes during one step (`memory` events: parameters the
 optimizer updates, their gradients, optimizer state, peak saved activations)."""),
-    ("code", """adam = base.replace(world_size=2, batch_size=16, optimizer="adam", lr=3e-3, hidden=64)
+    ("code", """import plotly.graph_objects as go
+
+adam = base.replace(world_size=2, batch_size=16, optimizer="adam", lr=3e-3, hidden=64)
 ddp = ddlkit.launch(adam.replace(strategy="data"), echo=False).wait(300)
 fsdp = ddlkit.launch(adam.replace(strategy="fsdp"), echo=False).wait(300)
 memory = {name: timeline.memory_table(run).set_index("rank") for name, run in (("ddp", ddp), ("fsdp", fsdp))}
 print(memory["ddp"], memory["fsdp"], sep="\\n")
 kept = {name: table["param_bytes"] + table["grad_bytes"] + table["optimizer_bytes"] for name, table in memory.items()}
 ratio = kept["fsdp"] / kept["ddp"]
+go.Figure(timeline.memory_traces(fsdp), layout=dict(barmode="stack", height=300, yaxis_title="MiB",
+                                                   title="FSDP, per rank")).show()
 print("FSDP / DDP, parameters + gradients + optimizer state per rank:", ratio.round(3).tolist())
 assert ((ratio > 0.45) & (ratio < 0.55)).all()"""),
     ("md", """The price is communication: DDP all-reduces the gradients once; FSDP
