@@ -15,8 +15,14 @@ from typing import Any
 import yaml
 
 STRATEGIES = ("single", "data", "ps", "hogwild")
+MODEL_PARALLEL = ("pipeline", "tensor", "fsdp", "hybrid")  # ddlkit/strategies/hybrid.py builds their mesh
+STRATEGIES += MODEL_PARALLEL
 # Strategies that implement the checkpoint contract (ddlkit.strategies docstring).
 CHECKPOINTABLE = ("single", "data")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+# How many pipeline layers each built-in model has (ddlkit.strategies.pipeline.pipeline_layers)
+PIPELINE_LAYERS = {"mlp": 5, "cnn": 10, "lm": 4}
+LM_HEADS = 4  # attention heads of the built-in lm (ddlkit.models.CharTransformer)
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -92,6 +98,22 @@ class RunConfig:
     staleness_lr: bool = False
     max_staleness: int | None = None
 
+    # Model parallelism (strategies pipeline, tensor, fsdp, hybrid; see
+    # ddlkit/strategies/hybrid.py). Degrees: pipeline needs pp == world_size,
+    # tensor tp == world_size, hybrid dp * pp * tp == world_size with dp >= 2
+    # and exactly one of pp, tp above 1; fsdp shards over all world_size ranks.
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    micro_batches: int = 4  # per step, per pipeline; must divide batch_size
+    schedule: str = "1f1b"  # one of SCHEDULES; "interleaved" gives each rank 2 stages
+    # Index of the first layer of every stage but the first, e.g. [2] cuts an
+    # mlp's 5 layers into 0-1 | 2-4; None balances stages by parameter count.
+    cut_points: list[int] | None = None
+    # Teaching: seconds each pipeline stage sleeps per micro-batch forward
+    # (twice that per backward), so the timeline shows the schedule, not noise.
+    stage_delay: float = 0.0
+
     def __post_init__(self) -> None:
         # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
         for name in ("slowdown", "delay_s"):
@@ -130,6 +152,23 @@ class RunConfig:
         self._validate_stragglers()
         self._validate_parameter_server()
         self._validate_fault_tolerance()
+        self._validate_layout()
+
+    def _validate_layout(self) -> None:
+        """Model-parallel layouts that cannot work, refused before launch."""
+        for name in ("dp", "pp", "tp", "micro_batches"):
+            _positive_int(name, getattr(self, name))
+        _one_of("schedule", self.schedule, SCHEDULES)
+        if not isinstance(self.stage_delay, (int, float)) or isinstance(self.stage_delay, bool) or self.stage_delay < 0:
+            raise ValueError(f"stage_delay={self.stage_delay!r} is invalid: it must be a number of seconds >= 0")
+        if self.strategy not in MODEL_PARALLEL:
+            if (self.dp, self.pp, self.tp) != (1, 1, 1):
+                raise ValueError(f"dp={self.dp}, pp={self.pp}, tp={self.tp} is invalid for strategy={self.strategy!r}: "
+                                 f"degrees are read by {list(MODEL_PARALLEL)}; leave them at 1 or pick one of those")
+            return
+        from .layout import check_layout  # deferred: the rules live beside the layouts
+
+        check_layout(self)
 
     def _validate_device(self) -> None:
         if self.device == "cpu":

@@ -29,7 +29,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from . import staleness
+from . import staleness, timeline
 
 if TYPE_CHECKING:
     from .run import Run
@@ -388,6 +388,8 @@ PANELS: list[Panel] = [
           x_title="ranks", y_title="speedup"),
     Panel("memory", "memory per rank (MiB: params, grads, optimizer, activations)", _memory,
           when=has_events("memory"), y_title="MiB"),
+    Panel("pipeline", "pipeline timeline, last 2 steps (gaps: bubble)", per_run(timeline.traces),
+          when=has_events("span"), x_title="seconds since launch", y_title="stage · rank"),
     Panel("staleness", "gradient staleness of applied updates", per_run(staleness.histogram_traces),
           when=has_events("update"), x_title="staleness (updates missed)", y_title="updates"),
     Panel("staleness_time", "staleness over time, per worker", per_run(staleness.over_time_traces),

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -29,10 +30,12 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer
+from .comm import CommCounter
 from .config import RunConfig
 from .control import ControlSync
 from .data import ShardedStream, load_dataset
 from .elastic import attempt_number, faults_for, join_attempt_group
+from .memory import MEMORY_STEP, MemoryMeter
 from .models import build_model
 from .reporter import Reporter
 from .stragglers import Straggler
@@ -85,7 +88,15 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
 
         if step in faults:
             inject_fault(faults[step], step)
-        stats = strategy.step(inputs, targets)
+        measure = step == min(MEMORY_STEP, cfg.steps - 1)  # once per run: `memory` and `comm` events per rank
+        with (MemoryMeter(strategy.optimizer) if measure else nullcontext()) as meter, \
+                (CommCounter() if measure else nullcontext()) as comm:
+            stats = strategy.step(inputs, targets)
+        if measure:
+            reporter.send({"type": "memory", "step": step, **meter.measured()})
+            reporter.send({"type": "comm", "step": step, **comm.measured()})
+        for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
+            reporter.send({**event, "step": step})
         straggler.delay(live, step_start)  # a straggler, for teaching (slowdown, delay_s, delay_jitter_s)
         steps_done = step + 1
 

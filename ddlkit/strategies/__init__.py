@@ -15,6 +15,9 @@ What the training loop (``ddlkit.worker.train``) asks of a strategy:
 - ``set_lr(lr)``: change the learning rate (all ranks do it at the same step).
 - ``full_state_dict()``: called on every rank (it may gather); rank 0's return
   is the full model state on CPU, saved as the run's result.
+- ``optimizer``: the torch optimizer of this rank's parameters; the worker's
+  ``ddlkit.memory.MemoryMeter`` reads parameters, gradients and state from it.
+
 - Checkpoints (``ddlkit.checkpoint``), for ``checkpoint_every`` / restarts /
   resume / live resize:
   ``checkpoint_sharded`` (bool attribute): False = consolidated, rank 0's
@@ -27,18 +30,22 @@ What the training loop (``ddlkit.worker.train``) asks of a strategy:
   by the checkpointer.
   ``load_checkpoint_state(state)``: put that state back, before the first step.
 
+Model parallelism (``pipeline``, ``tensor``, ``fsdp``, ``hybrid``) lives in
+``pipeline.py``, ``tensor.py``, ``fsdp.py``; ``hybrid.py`` builds their
+device mesh and hands each its dimensions.
+
 A strategy whose ranks do not step in lockstep (``ps``, ``hogwild``) defines
 ``run(dataset, shard, controls, straggler, reporter, run_dir) -> summary`` and
 owns its loop; ``controls`` then applies live changes without a collective.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 
-from ..config import RunConfig
+from ..config import MODEL_PARALLEL, RunConfig
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -52,6 +59,8 @@ class StepStats:
     loss: torch.Tensor
     compute_s: float
     comm_s: float
+    # Events the worker sends for this step, adding "step" (pipeline spans).
+    events: list[dict] = field(default_factory=list)
 
 
 def make_optimizer(cfg: RunConfig) -> OptimizerFactory:
@@ -70,5 +79,9 @@ def build_strategy(cfg: RunConfig, accelerator, model: torch.nn.Module, task: st
     from .hogwild import Hogwild
     from .ps import ParameterServer
 
+    if cfg.strategy in MODEL_PARALLEL:
+        from .hybrid import build_on_mesh
+
+        return build_on_mesh(cfg, accelerator.device, model, task, make_optimizer(cfg))
     strategies = {"single": DataParallel, "data": DataParallel, "ps": ParameterServer, "hogwild": Hogwild}
     return strategies[cfg.strategy](cfg, accelerator, model, task, make_optimizer(cfg))

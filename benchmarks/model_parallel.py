@@ -1,0 +1,81 @@
+"""Model-parallel strategies against ``data`` on the same model, side by side
+in one run: step time and communication volume per step.
+
+- Step time: the median over steps after the first 3 of the slowest rank's
+  ``step_time`` (``step`` events).
+- Communication: the payload bytes each rank handed to collectives and sends
+  in one measured step (the ``comm`` event, counted by ``ddlkit.comm``:
+  every ``torch.distributed`` op goes through the dispatcher, inputs counted,
+  receives not), averaged over ranks. Wire bytes depend on the algorithm.
+
+Each strategy is compared with ``data`` at the same number of ranks (2 for
+pipeline, tensor and fsdp, 4 for the hybrids), the same model, the same global
+batch and the same steps. Runs alternate per repetition; medians are shown.
+On a shared 2-core CPU the step times are noisy and 4-rank runs oversubscribe
+the cores: the communication column is exact, the time column is indicative.
+
+    python benchmarks/model_parallel.py [--reps 2] [--steps 30] [--model lm] [--hidden 128]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import pandas as pd
+
+import ddlkit
+
+LAYOUTS = {  # name -> (RunConfig changes, ranks); batch_size is per data-parallel replica
+    "pipeline gpipe": (dict(strategy="pipeline", pp=2, schedule="gpipe", micro_batches=4), 2),
+    "pipeline 1f1b": (dict(strategy="pipeline", pp=2, schedule="1f1b", micro_batches=4), 2),
+    "pipeline interleaved": (dict(strategy="pipeline", pp=2, schedule="interleaved", micro_batches=4), 2),
+    "tensor": (dict(strategy="tensor", tp=2), 2),
+    "fsdp": (dict(strategy="fsdp"), 2),
+    "hybrid dp2 x pp2": (dict(strategy="hybrid", dp=2, pp=2, micro_batches=4), 4),
+    "hybrid dp2 x tp2": (dict(strategy="hybrid", dp=2, tp=2), 4),
+}
+
+
+def measure(cfg: ddlkit.RunConfig) -> tuple[float, float]:
+    run = ddlkit.launch(cfg, echo=False).wait(900)
+    table = run.metrics
+    step_time = float(table[table["step"] >= 3].groupby("step")["step_time"].max().median())
+    comm = [e["comm_bytes"] for e in run.events if e.get("type") == "comm"]
+    return step_time, sum(comm) / len(comm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--model", default="lm", choices=["mlp", "lm"])
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch per model replica")
+    opts = parser.parse_args()
+    dataset = "sonnets" if opts.model == "lm" else "digits"
+    rows = []
+    with tempfile.TemporaryDirectory() as runs:
+        base = ddlkit.RunConfig(model=opts.model, dataset=dataset, hidden=opts.hidden, steps=opts.steps, lr=1e-3,
+                                optimizer="adam", device="cpu", run_dir=runs, seq_len=32)
+        for name, (changes, ranks) in LAYOUTS.items():
+            replicas = changes.get("dp", ranks if changes["strategy"] == "fsdp" else 1)
+            cfg = base.replace(world_size=ranks, batch_size=opts.batch_size // replicas, **changes)
+            anchor = base.replace(strategy="data", world_size=ranks, batch_size=opts.batch_size // ranks)
+            times, anchor_times = [], []
+            for _ in range(opts.reps):
+                times.append(measure(cfg))
+                anchor_times.append(measure(anchor))
+            step, comm = statistics.median(t for t, _ in times), statistics.median(c for _, c in times)
+            data_step, data_comm = (statistics.median(t for t, _ in anchor_times),
+                                    statistics.median(c for _, c in anchor_times))
+            rows.append({"strategy": name, "ranks": ranks, "step ms": 1000 * step, "data step ms": 1000 * data_step,
+                         "time vs data": step / data_step, "comm KiB/step": comm / 1024,
+                         "data comm KiB/step": data_comm / 1024, "comm vs data": comm / data_comm})
+    print(f"model={opts.model} hidden={opts.hidden}, global batch {opts.batch_size}, {opts.steps} steps, "
+          f"median of {opts.reps} (shared CPU: times are noisy)")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""What the model-parallel strategies share: reading sharded (DTensor) state
+back as full tensors, and averaging gradients across data-parallel replicas."""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard, else the tensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model on CPU under the single-process names. Sharded entries
+    are all-gathered, so every rank must call it (in the same order)."""
+    state = {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        state[name] = full.detach().cpu().clone()
+    return state
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> float:
+    """Average this rank's (local) gradients over the data-parallel replicas
+    in ``group``, as one flat all-reduce; returns the seconds it took. Replicas
+    take equal batches, so the average is the gradient of the global batch."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if group is None or not grads:
+        return 0.0
+    start = time.perf_counter()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return time.perf_counter() - start

@@ -1,0 +1,135 @@
+"""The pipeline timeline: spans as a table, the measured bubble beside the
+theory, a Gantt chart, and memory per rank. Pure functions of a Run (live or
+loaded), so a dashboard panel can call them on every refresh.
+
+How the bubble is measured. Every stage records a span per micro-batch and
+phase (``forward``/``backward``) with wall-clock start and end (ranks on one
+machine share the clock). For each step, the step's window runs from the first
+span's start to the last span's end over all stages; a rank's bubble is the
+fraction of that window in which it ran none of its spans::
+
+    bubble(rank, step) = 1 - busy(rank, step) / (last end - first start)
+
+its median over the steps after ``warmup`` (the first steps pay for start-up;
+the median shrugs off a step that another process on the machine disturbed).
+Time spent sending and receiving between spans counts as idle, as it should:
+the stage is not computing. Theory for p pipeline ranks, m micro-batches and v
+stages per rank (v = 2 interleaved) with equal stages: (p-1)/(v*m + p-1).
+
+On a small CPU model a stage's compute is a fraction of a millisecond and the
+timeline is mostly scheduling noise; ``stage_delay`` (teaching mode) makes
+each forward sleep that long and each backward twice that, standing in for
+real work, so what is measured is the schedule's shape.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+SPAN_COLUMNS = ["rank", "step", "stage", "micro_batch", "phase", "start", "end"]
+PHASE_COLOURS = {"forward": "#4C78A8", "backward": "#F58518"}
+
+
+def spans(run) -> pd.DataFrame:
+    """One row per (rank, step, stage, micro-batch, phase); ``start``/``end``
+    in seconds since the run started.
+
+    >>> spans(type("R", (), {"events": [], "started": 0.0})()).columns.tolist()
+    ['rank', 'step', 'stage', 'micro_batch', 'phase', 'start', 'end']
+    """
+    rows = [{k: e[k] for k in SPAN_COLUMNS} for e in list(run.events) if e.get("type") == "span"]
+    table = pd.DataFrame(rows, columns=SPAN_COLUMNS)
+    table[["start", "end"]] = table[["start", "end"]] - run.started
+    return table.sort_values(["step", "start"], ignore_index=True)
+
+
+def theory_bubble(pp: int, micro_batches: int, stages_per_rank: int = 1) -> float:
+    """(p-1)/(v*m + p-1): the idle fraction of a balanced pipeline.
+
+    >>> round(theory_bubble(2, 4), 3)
+    0.2
+    """
+    return (pp - 1) / (stages_per_rank * micro_batches + pp - 1)
+
+
+def bubbles(run, warmup: int = 1) -> pd.DataFrame:
+    """Measured bubble per rank (median over steps after ``warmup``), with the theory beside it."""
+    table = spans(run)
+    table = table[table["step"] >= warmup]
+    if table.empty:
+        return pd.DataFrame(columns=["rank", "measured", "theory"])
+    table = table.assign(busy=table["end"] - table["start"])
+    window = table.groupby("step").agg(first=("start", "min"), last=("end", "max"))
+    busy = table.groupby(["step", "rank"])["busy"].sum().reset_index()
+    busy["bubble"] = 1 - busy["busy"] / (busy["step"].map(window["last"] - window["first"]))
+    measured = busy.groupby("rank")["bubble"].median()
+    stages_per_rank = int(table.groupby("rank")["stage"].nunique().max())
+    pp = table["stage"].nunique() // stages_per_rank
+    theory = theory_bubble(pp, table["micro_batch"].nunique(), stages_per_rank)
+    return pd.DataFrame({"rank": measured.index, "measured": measured.values, "theory": theory})
+
+
+def bubble_fraction(run, warmup: int = 1) -> float:
+    """The measured bubble averaged over ranks (see the module docstring)."""
+    return float(bubbles(run, warmup)["measured"].mean())
+
+
+def in_flight(run) -> pd.DataFrame:
+    """Per stage, the most micro-batches whose forward had ended and whose
+    backward had not: how many micro-batches of activations the schedule kept
+    alive at once (GPipe: all m; 1F1B: at most the number of stages)."""
+    table = spans(run)
+    most: dict[int, int] = {}
+    for (_step, _rank, stage), group in table.groupby(["step", "rank", "stage"]):  # each replica's stage apart
+        alive = peak = 0
+        for phase in group.sort_values("start")["phase"]:
+            alive += 1 if phase == "forward" else -1
+            peak = max(peak, alive)
+        most[stage] = max(most.get(stage, 0), peak)
+    return pd.DataFrame({"stage": list(most), "max_in_flight": list(most.values())})
+
+
+def traces(run, last_steps: int = 2) -> list[Any]:
+    """A Gantt chart of the last ``last_steps`` steps as plotly traces: one row
+    per stage (and rank, when dp replicas hold the same stage), forward and
+    backward bars coloured, bubbles as the gaps.
+
+    >>> import plotly.graph_objects as go
+    >>> fig = go.Figure(traces(run))  # doctest: +SKIP
+    """
+    import plotly.graph_objects as go
+
+    table = spans(run)
+    if table.empty:
+        return []
+    table = table[table["step"] > table["step"].max() - last_steps]
+    out = []
+    for phase, colour in PHASE_COLOURS.items():
+        part = table[table["phase"] == phase]
+        out.append(go.Bar(
+            name=phase, orientation="h", marker_color=colour, offsetgroup="spans",  # same row, not side by side
+            base=part["start"], x=part["end"] - part["start"],
+            y=[f"stage {s} · rank {r}" for s, r in zip(part["stage"], part["rank"])],
+            text=[f"{m}" for m in part["micro_batch"]], textposition="inside",
+            hovertext=[f"step {s}, micro-batch {m}, rank {r}" for s, m, r in zip(part["step"], part["micro_batch"],
+                                                                                  part["rank"])],
+        ))
+    return out
+
+
+def figure(run, last_steps: int = 2):
+    """The Gantt chart as a ready figure (for notebooks; dashboards take :func:`traces`)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(traces(run, last_steps), layout=dict(
+        barmode="overlay", height=120 + 40 * run.world_size, xaxis_title="seconds since launch",
+        title=f"pipeline timeline, last {last_steps} steps (gaps: bubble)"))
+
+
+def memory_table(run) -> pd.DataFrame:
+    """One row per rank from its ``memory`` event: bytes of parameters,
+    gradients, optimizer state and peak saved activations."""
+    columns = ["rank", "param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes"]
+    rows = [{k: e[k] for k in columns} for e in list(run.events) if e.get("type") == "memory"]
+    return pd.DataFrame(rows, columns=columns).sort_values("rank", ignore_index=True)
