@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import staleness, timeline
+from .control import CONTROLS
 
 if TYPE_CHECKING:
     from .run import Run
@@ -278,7 +279,7 @@ def marker_label(event: dict[str, Any]) -> str:
     """'lr=0.01', 'paused', 'resumed', 'stop', 'slowdown {1: 3.0}'."""
     parts = []
     for name, value in event.items():
-        if name in ("type", "rank", "time", "step"):
+        if name not in CONTROLS:  # type, rank, time, step, attempt, ...: not a change
             continue
         if name == "paused":
             parts.append("paused" if value else "resumed")

@@ -13,30 +13,23 @@ import pytest
 from ddlkit import run as run_module
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
+def _processes():
+    """(pid, parent pid, process group) of every process, from /proc."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+            yield int(entry.name), int(fields[1]), int(fields[2])
+
+
+def children_of(pid: int) -> list[int]:
+    return [child for child, parent, _ in _processes() if parent == pid]
 
 
 def in_process_group(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                found.append(int(entry.name))
-    return found
+    return [member for member, _, group in _processes() if group == pgid]
 
 
 def port_is_free(port: int) -> bool:

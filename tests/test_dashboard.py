@@ -107,15 +107,15 @@ def test_conditional_panels_appear_only_with_their_data(tmp_path):
 
 
 def test_a_registered_panel_is_one_entry_and_follows_its_events(tmp_path, monkeypatch):
-    def spans(run):  # what a helper module exposes: traces(run) -> list of traces
-        return [{"type": "bar", "name": "spans", "x": [e["stage"] for e in run.events if e["type"] == "span"]}]
+    def probes(run):  # what a helper module exposes: traces(run) -> list of traces
+        return [{"type": "bar", "name": "probes", "x": [e["value"] for e in run.events if e["type"] == "probe"]}]
 
     monkeypatch.setattr(figures, "PANELS", figures.PANELS + [
-        Panel("pipeline", "pipeline timeline", per_run(spans), when=has_events("span"))])
+        Panel("probe", "probe panel", per_run(probes), when=has_events("probe"))])
     run = fake_run(tmp_path, events=two_rank_events())
-    assert "spans" not in [t.name for t in figures.figure(run).data]
-    run._add([{"type": "span", "rank": 1, "time": STARTED + 9, "stage": 1}])
-    assert traces_by_name(figures.figure(run), "spans")[0].x == (1,)
+    assert "probes" not in [t.name for t in figures.figure(run).data]
+    run._add([{"type": "probe", "rank": 1, "time": STARTED + 9, "value": 1}])
+    assert traces_by_name(figures.figure(run), "probes")[0].x == (1,)
 
 
 def test_speedup_against_a_baseline_with_the_ideal_line(tmp_path):
@@ -221,3 +221,8 @@ def test_the_report_is_the_same_panels_as_html(runs_dir, tmp_path):
     html = run.report(tmp_path / "report.html").read_text()
     for title in ("loss vs step", "loss vs wall time", "throughput", "time per step: compute"):
         assert title in html
+
+
+def test_a_marker_names_only_the_controls_that_changed():
+    event = {"type": "control", "rank": 0, "time": 1.0, "step": 3, "attempt": 2, "lr": 0.01, "paused": True}
+    assert figures.marker_label(event) == "lr=0.01, paused"

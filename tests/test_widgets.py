@@ -39,6 +39,7 @@ def test_an_invalid_combination_is_refused_in_the_panel_before_launch(runs_dir, 
 
 def test_a_strategy_knob_is_one_table_entry(monkeypatch):
     monkeypatch.setitem(widgets.KNOBS, "data", [Knob("hidden", widgets._int("hidden units"))])
+    monkeypatch.setitem(widgets.KNOBS, "single", [])
     panel = ControlPanel(RunConfig(strategy="single", world_size=1, device="cpu"))
     assert panel.knob_box.children == ()
     panel.fields["strategy"].value, panel.fields["world_size"].value = "data", 2
