@@ -13,6 +13,7 @@ python3 -m pip install -e ".[dev]"
 # own browser download is never used). Installed only when missing.
 if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive  # CI has no terminal to answer a prompt
         apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
     else
         echo "install.sh: chromium is missing; the browser test needs it: sudo apt-get install -y chromium" >&2
