@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from .config import DATASETS, MODELS, STRATEGIES, SYNC_MODES, RunConfig
+from .config import DATASETS, MODELS, SCHEDULES, STRATEGIES, SYNC_MODES, RunConfig
 from .dashboard import Dashboard
 from .launch import launch
 from .run import LIVE, Run
@@ -67,8 +67,12 @@ COMMON = [
 # Checkpoints make a run resizable live (0: none, the field's None).
 CHECKPOINTS = Knob("checkpoint_every", _int("checkpoint every (0: off)", 0, 1_000_000),
                    to_widget=lambda value: value or 0, to_config=lambda value: value or None)
+PIPELINE = [Knob("micro_batches", _int("micro-batches", 1, 1024)), Knob("schedule", _choice("schedule", SCHEDULES))]
 KNOBS: dict[str, list[Knob]] = {
-    "single": [CHECKPOINTS], "data": [CHECKPOINTS], "hogwild": [],
+    "single": [CHECKPOINTS], "data": [CHECKPOINTS], "hogwild": [], "fsdp": [],
+    "pipeline": [Knob("pp", _int("pp (stages)", 1, 64)), *PIPELINE],
+    "tensor": [Knob("tp", _int("tp", 1, 64))],
+    "hybrid": [Knob("dp", _int("dp", 1, 64)), Knob("pp", _int("pp", 1, 64)), Knob("tp", _int("tp", 1, 64)), *PIPELINE],
     "ps": [Knob("servers", _int("servers", 1, 63)), Knob("sync", _choice("sync", SYNC_MODES)),
            Knob("staleness_bound", _int("staleness bound (ssp)", 0, 1000))],
 }

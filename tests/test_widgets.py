@@ -141,3 +141,16 @@ def test_changing_the_world_size_during_a_run_relaunches_it_in_the_new_layout(ru
     assert sorted(rows["step"].unique()) == list(range(rows["step"].max() + 1))  # no step lost
     panel.stop()
     assert run.status == "stopped"
+
+
+def test_model_parallel_knobs_describe_a_layout_and_refuse_impossible_ones():
+    panel = ControlPanel(RunConfig(strategy="data", world_size=2, model="lm", dataset="sonnets", device="cpu"))
+    panel.fields["strategy"].value = "hybrid"
+    assert [w.description for w in panel.knob_box.children] == ["dp", "pp", "tp", "micro-batches", "schedule"]
+    knobs = {w.description: w for w in panel.knob_box.children}
+    panel.fields["world_size"].value = 4
+    knobs["dp"].value, knobs["tp"].value = 2, 2
+    assert not panel.run_button.disabled, panel.status.value
+    assert (panel.config().dp, panel.config().tp, panel.config().pp) == (2, 2, 1)
+    knobs["tp"].value = 3  # 2 x 1 x 3 is not 4 ranks
+    assert panel.run_button.disabled and "invalid" in panel.status.value
