@@ -13,12 +13,12 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def write(name: str, cells: list[tuple[str, str]]) -> None:
+def write(name: str, cells: list[tuple[str, str]], folder: Path = NOTEBOOKS) -> None:
     nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
     for number, cell in enumerate(nb.cells):  # stable ids: regenerating leaves unchanged notebooks unchanged
         cell.id = f"cell-{number}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, NOTEBOOKS / name)
+    nbformat.write(nb, folder / name)
 
 
 QUICKSTART = [
@@ -436,11 +436,14 @@ print(f"DDP {comm_bytes(ddp) / 1024:.0f} KiB, FSDP {comm_bytes(fsdp) / 1024:.0f}
 assert 1.5 < comm_bytes(fsdp) / comm_bytes(ddp) < 2.5"""),
 ]
 
+def write_all(folder: Path = NOTEBOOKS) -> None:
+    for name, cells in [("00_quickstart.ipynb", QUICKSTART), ("01_data_parallel.ipynb", DATA_PARALLEL),
+                        ("02_model_parallel.ipynb", MODEL_PARALLEL), ("03_hybrid.ipynb", HYBRID),
+                        ("04_async_parameter_server.ipynb", ASYNC_PARAMETER_SERVER),
+                        ("05_fault_tolerance.ipynb", FAULT_TOLERANCE)]:
+        write(name, cells, folder)
+
+
 if __name__ == "__main__":
-    write("00_quickstart.ipynb", QUICKSTART)
-    write("01_data_parallel.ipynb", DATA_PARALLEL)
-    write("04_async_parameter_server.ipynb", ASYNC_PARAMETER_SERVER)
-    write("05_fault_tolerance.ipynb", FAULT_TOLERANCE)
-    write("02_model_parallel.ipynb", MODEL_PARALLEL)
-    write("03_hybrid.ipynb", HYBRID)
+    write_all()
     print("wrote", *sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")), file=sys.stderr)
