@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -54,6 +54,15 @@ class Controls:
 
     def slowdown_of(self, rank: int) -> float:
         return float(self.slowdown.get(rank, 1.0))
+
+
+def follow_lr(live: Controls, lr: float, set_lr: Callable[[float], None]) -> float:
+    """The learning rate in force after this step's controls; ``set_lr`` is
+    called when it changes."""
+    if live.lr is not None and live.lr != lr:
+        set_lr(live.lr)
+        return live.lr
+    return lr
 
 
 class ControlSync:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from .checkpoint import Checkpointer
 from .comm import CommCounter
 from .config import RunConfig
-from .control import ControlSync
+from .control import ControlSync, follow_lr
 from .data import ShardedStream, load_dataset
 from .elastic import attempt_number, faults_for, join_attempt_group
 from .memory import MEMORY_STEP, MemoryMeter
@@ -77,9 +77,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         live = controls.at_step(step)  # the same on every rank, at the same step
         if live.stop:
             break
-        if live.lr is not None and live.lr != lr:
-            lr = live.lr
-            strategy.set_lr(lr)
+        lr = follow_lr(live, lr, strategy.set_lr)
         step_start = time.perf_counter()
         index = shard.indices(step)
         inputs = dataset.inputs[index].to(accelerator.device)

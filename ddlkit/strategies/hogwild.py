@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..control import follow_lr
 from ..models import loss_fn
 from . import OptimizerFactory, StepStats
 
@@ -92,9 +93,7 @@ class Hogwild:
             live = controls.at_step(step)  # each rank on its own: no collective between updates
             if live.stop:
                 break
-            if live.lr is not None and live.lr != lr:
-                lr = live.lr
-                self.set_lr(lr)
+            lr = follow_lr(live, lr, self.set_lr)
             step_start = time.perf_counter()
             index = shard.indices(step)
             if step in faults:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..control import follow_lr
 from ..models import loss_fn
 from . import OptimizerFactory
 
@@ -108,9 +109,7 @@ class ParameterServer:
             dist.send(torch.cat([head, *[p.detach().flatten() for p in mine]]), dst=worker)
 
         while len(done) < len(self.workers):  # a stop reaches the workers; each then says it is done
-            live = controls.at_step(version)
-            if live.lr is not None and live.lr != self.lr:
-                self.set_lr(live.lr)
+            follow_lr(controls.at_step(version), self.lr, self.set_lr)  # set_lr keeps self.lr
             wait_from = time.perf_counter()
             src = dist.recv(message)  # any worker: one message at a time, in arrival order
             idle_s += time.perf_counter() - wait_from
