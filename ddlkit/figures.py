@@ -92,7 +92,7 @@ class RunData:
     """What the panels read of one run, kept up to date by :meth:`update`,
     which parses only the events that arrived since it last ran."""
 
-    def __init__(self, run: "Run", color: str = COLORS[0]):
+    def __init__(self, run: "Run", color: str = COLORS[0], read: bool = True):
         self.run = run
         self.color = color
         self.cursor = 0  # events read so far
@@ -101,16 +101,19 @@ class RunData:
         self.event_counts: dict[str, int] = {}
         self.markers: list[dict[str, Any]] = []  # control and control_request events
         self.memory: dict[int, dict[str, float]] = {}  # rank -> bytes by kind
-        self.update()
+        if read:
+            self.update()
 
     @property
     def label(self) -> str:
         return f"{self.run.id} · {self.run.world_size} rank{'s' if self.run.world_size > 1 else ''}"
 
-    def update(self) -> int:
-        """Read the new events; returns how many there were."""
+    def update(self, limit: int | None = None) -> int:
+        """Read the new events (at most ``limit``); returns how many were read."""
         events = self.run.events
         end = len(events)  # the collector only appends: everything below `end` is complete
+        if limit is not None:
+            end = min(end, self.cursor + limit)
         new = events[self.cursor:end]
         self.cursor = end
         if not new:
@@ -185,6 +188,9 @@ class RunData:
 
     def ended(self) -> bool:
         return self.run.status not in ("starting", "running")
+
+    def caught_up(self) -> bool:
+        return self.cursor == len(self.run.events)
 
 
 def downsample(y: np.ndarray, max_points: int = MAX_POINTS, recent: int = RECENT_POINTS) -> np.ndarray:
@@ -452,15 +458,16 @@ def figure(runs: "list[Run] | Run", baseline: "Run | None" = None, keys: list[st
     return build_figure(data, ctx, panels, panel_traces(data, ctx, panels), title_of(data))
 
 
-def load(runs: "list[Run] | Run", baseline: "Run | None" = None) -> tuple[list[RunData], Context]:
-    """RunData for each run (colours in order), and the baseline's."""
+def load(runs: "list[Run] | Run", baseline: "Run | None" = None, read: bool = True) -> tuple[list[RunData], Context]:
+    """RunData for each run (colours in order), and the baseline's; with
+    ``read``, every event is read now (a dashboard reads in bounded slices)."""
     from .run import Run
 
     runs = [runs] if isinstance(runs, Run) else list(runs)
-    data = [RunData(run, COLORS[i % len(COLORS)]) for i, run in enumerate(runs)]
+    data = [RunData(run, COLORS[i % len(COLORS)], read) for i, run in enumerate(runs)]
     base = next((d for d in data if d.run is baseline), None)
     if baseline is not None and base is None:
-        base = RunData(baseline, "gray")
+        base = RunData(baseline, "gray", read)
     return data, Context(baseline=base)
 
 

@@ -226,3 +226,18 @@ def test_the_report_is_the_same_panels_as_html(runs_dir, tmp_path):
 def test_a_marker_names_only_the_controls_that_changed():
     event = {"type": "control", "rank": 0, "time": 1.0, "step": 3, "attempt": 2, "lr": 0.01, "paused": True}
     assert figures.marker_label(event) == "lr=0.01, paused"
+
+
+def test_a_dashboard_opened_on_a_long_run_reads_it_in_slices_and_catches_up(tmp_path, monkeypatch):
+    from ddlkit import dashboard as dashboard_module
+
+    monkeypatch.setattr(dashboard_module, "MAX_EVENTS_PER_REFRESH", 100)
+    run = fake_run(tmp_path, events=two_rank_events(steps=250))  # 500 events: five slices
+    run._status = "done"
+    dashboard = ddlkit.Dashboard(run, interval=0.01)
+    assert dashboard.data[0].cursor == 100  # the first refresh read one slice, not the backlog
+    assert dashboard.running  # the run has ended, but its events are not all drawn yet
+    dashboard.join(10)
+    assert not dashboard.running and dashboard.data[0].caught_up()
+    against_step = traces_by_name(dashboard.figure, "mean loss")[0]
+    assert against_step.x[-1] == 249  # the last step is drawn
