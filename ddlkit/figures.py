@@ -21,7 +21,7 @@ Traces are downsampled (:func:`downsample`) so a refresh costs the same at
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 

@@ -24,7 +24,7 @@ import torch  # here rather than in launch(): the first import costs a second
 from torch.distributed import TCPStore
 
 from .channel import ChannelServer, new_token
-from .config import DEVICES, RunConfig
+from .config import RunConfig
 from .elastic import continue_run, resume_folder
 from .run import Run
 from .supervise import ForkedProcess, RankState
