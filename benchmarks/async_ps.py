@@ -12,6 +12,7 @@ drift in the machine affects all; medians are reported. Ideal async/bsp with
 
     python benchmarks/async_ps.py [--reps 3] [--steps 40] [--workers 2] [--work-ms 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,21 @@ def main() -> None:
 
     world_size = opts.workers + 1
     straggler = world_size - 1
-    base = ddlkit.RunConfig(strategy="ps", world_size=world_size, model="mlp", dataset="digits", hidden=32,
-                            steps=opts.steps, batch_size=16, lr=0.1, device="cpu", run_dir=tempfile.mkdtemp(),
-                            delay_s={w: opts.work_ms / 1000 for w in range(1, world_size)},
-                            slowdown={straggler: 3.0}, staleness_bound=opts.staleness_bound)
+    base = ddlkit.RunConfig(
+        strategy="ps",
+        world_size=world_size,
+        model="mlp",
+        dataset="digits",
+        hidden=32,
+        steps=opts.steps,
+        batch_size=16,
+        lr=0.1,
+        device="cpu",
+        run_dir=tempfile.mkdtemp(),
+        delay_s={w: opts.work_ms / 1000 for w in range(1, world_size)},
+        slowdown={straggler: 3.0},
+        staleness_bound=opts.staleness_bound,
+    )
     rates: dict[str, list[float]] = {m: [] for m in MODES}
     worst: dict[str, int] = {m: 0 for m in MODES}
     for _ in range(opts.reps):
@@ -48,8 +60,10 @@ def main() -> None:
             worst[mode] = max(worst[mode], int(staleness.staleness_table(run)["staleness"].max()))
 
     anchor = statistics.median(rates["bsp"])
-    print(f"{opts.workers} workers, rank {straggler} 3x slower, {opts.work_ms:g} ms work/step, "
-          f"{opts.steps} steps, median of {opts.reps}")
+    print(
+        f"{opts.workers} workers, rank {straggler} 3x slower, {opts.work_ms:g} ms work/step, "
+        f"{opts.steps} steps, median of {opts.reps}"
+    )
     print(f"{'mode':<12}{'samples/s':>12}{'vs bsp':>10}{'max staleness':>16}")
     for mode in MODES:
         label = f"ssp (s={opts.staleness_bound})" if mode == "ssp" else mode

@@ -13,6 +13,7 @@ and of the anchor, measured side by side: what a refresh that rebuilds the table
 costs before drawing anything (run.metrics rebuilt from every row, then the
 mean loss per step: the first thing a from-scratch redraw does).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,12 @@ import math
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
-from ddlkit.dashboard import MAX_EVENTS_PER_REFRESH, Dashboard
-from ddlkit.run import Run
+import pandas as pd
+
+from ddlkit.kernel.run import Run
+from ddlkit.view.dashboard import MAX_EVENTS_PER_REFRESH, Dashboard
 
 BUDGET_S = 0.050
 
@@ -31,10 +35,21 @@ def step_events(ranks: int, first_step: int, count: int, started: float) -> list
     events = []
     for step in range(first_step, first_step + count // ranks):
         for rank in range(ranks):
-            events.append({"type": "step", "rank": rank, "time": started + 0.01 * step, "step": step,
-                           "loss": 2.0 * math.exp(-step / 20_000) + 0.01 * ((step * 7 + rank) % 13),
-                           "samples": 32, "lr": 0.05, "step_time": 0.01, "compute_s": 0.006, "comm_s": 0.003,
-                           "wait_s": 0.001})
+            events.append(
+                {
+                    "type": "step",
+                    "rank": rank,
+                    "time": started + 0.01 * step,
+                    "step": step,
+                    "loss": 2.0 * math.exp(-step / 20_000) + 0.01 * ((step * 7 + rank) % 13),
+                    "samples": 32,
+                    "lr": 0.05,
+                    "step_time": 0.01,
+                    "compute_s": 0.006,
+                    "comm_s": 0.003,
+                    "wait_s": 0.001,
+                }
+            )
     return events
 
 
@@ -45,10 +60,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    run = Run("bench", tempfile.mkdtemp(), args.ranks, started=0.0, meta={})
-    run._status = "running"
-    run._add(step_events(args.ranks, 0, args.events, 0.0))
-    run._add([{"type": "control", "rank": 0, "time": 100.0, "step": 10_000, "lr": 0.01}])
+    events = step_events(args.ranks, 0, args.events, 0.0)
+    events.append({"type": "control", "rank": 0, "time": 100.0, "step": 10_000, "lr": 0.01})
+    run = Run.from_events(events, world_size=args.ranks, status="running", path=Path(tempfile.mkdtemp()))
     opened = time.perf_counter()
     dashboard = Dashboard(run, interval=3600)  # no timer ticks: we call refresh() ourselves
     constructor = time.perf_counter() - opened  # includes creating the FigureWidget
@@ -59,31 +73,41 @@ def main() -> None:
     next_step = args.events // args.ranks
     growing, idle, anchor = [], [], []
     for _ in range(args.repeats):
-        run._add(step_events(args.ranks, next_step, 1000, 0.0))
+        run.record(step_events(args.ranks, next_step, 1000, 0.0))
         next_step += 1000 // args.ranks
         growing.append(dashboard.refresh())
         idle.append(dashboard.refresh())
         anchor.append(rebuild_table(run))
     dashboard.close()
     points = sum(len(trace.x) for trace in dashboard.figure.data if trace.x is not None)
-    print(f"{len(run.events):,} events, {args.ranks} ranks, {len(dashboard.figure.data)} traces, "
-          f"{points:,} points sent per refresh")
+    print(
+        f"{len(run.events):,} events, {args.ranks} ranks, {len(dashboard.figure.data)} traces, "
+        f"{points:,} points sent per refresh"
+    )
     anchor_s = statistics.median(anchor)
-    print(f"opening the dashboard: Dashboard() {constructor * 1e3:.0f} ms (FigureWidget creation included), "
-          f"then {len(catch_up)} refreshes to read the backlog in slices of {MAX_EVENTS_PER_REFRESH:,} events")
+    print(
+        f"opening the dashboard: Dashboard() {constructor * 1e3:.0f} ms (FigureWidget creation included), "
+        f"then {len(catch_up)} refreshes to read the backlog in slices of {MAX_EVENTS_PER_REFRESH:,} events"
+    )
     print(f"{'refresh':<38}{'median ms':>10}{'max ms':>10}{'/ 50 ms budget':>16}{'/ anchor':>10}")
-    for name, times in (("first (lays out the figure)", [first]), ("catching up (a slice each)", catch_up),
-                        ("+1,000 new events", growing),
-                        ("no new events", idle), ("anchor: rebuild table + groupby", anchor)):
+    for name, times in (
+        ("first (lays out the figure)", [first]),
+        ("catching up (a slice each)", catch_up),
+        ("+1,000 new events", growing),
+        ("no new events", idle),
+        ("anchor: rebuild table + groupby", anchor),
+    ):
         median = statistics.median(times)
-        print(f"{name:<38}{median * 1e3:>10.1f}{max(times) * 1e3:>10.1f}{median / BUDGET_S:>16.2f}"
-              f"{median / anchor_s:>10.2f}")
+        print(
+            f"{name:<38}{median * 1e3:>10.1f}{max(times) * 1e3:>10.1f}{median / BUDGET_S:>16.2f}"
+            f"{median / anchor_s:>10.2f}"
+        )
 
 
 def rebuild_table(run: Run) -> float:
+    """The anchor: a refresh that builds the metrics table from every event and groups it."""
     started = time.perf_counter()
-    run._table = None  # as if rows had arrived: Run.metrics rebuilds its DataFrame
-    run.metrics.groupby("step")["loss"].mean()
+    pd.DataFrame([e for e in run.events if e["type"] == "step"]).groupby("step")["loss"].mean()
     return time.perf_counter() - started
 
 

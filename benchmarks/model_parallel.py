@@ -16,6 +16,7 @@ the cores: the communication column is exact, the time column is indicative.
 
     python benchmarks/model_parallel.py [--reps 2] [--steps 30] [--model lm] [--hidden 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,17 @@ def main() -> None:
     dataset = "sonnets" if opts.model == "lm" else "digits"
     rows = []
     with tempfile.TemporaryDirectory() as runs:
-        base = ddlkit.RunConfig(model=opts.model, dataset=dataset, hidden=opts.hidden, steps=opts.steps, lr=1e-3,
-                                optimizer="adam", device="cpu", run_dir=runs, seq_len=32)
+        base = ddlkit.RunConfig(
+            model=opts.model,
+            dataset=dataset,
+            hidden=opts.hidden,
+            steps=opts.steps,
+            lr=1e-3,
+            optimizer="adam",
+            device="cpu",
+            run_dir=runs,
+            seq_len=32,
+        )
         for name, (changes, ranks) in LAYOUTS.items():
             replicas = changes.get("dp", ranks if changes["strategy"] == "fsdp" else 1)
             cfg = base.replace(world_size=ranks, batch_size=opts.batch_size // replicas, **changes)
@@ -67,13 +77,26 @@ def main() -> None:
                 times.append(measure(cfg))
                 anchor_times.append(measure(anchor))
             step, comm = statistics.median(t for t, _ in times), statistics.median(c for _, c in times)
-            data_step, data_comm = (statistics.median(t for t, _ in anchor_times),
-                                    statistics.median(c for _, c in anchor_times))
-            rows.append({"strategy": name, "ranks": ranks, "step ms": 1000 * step, "data step ms": 1000 * data_step,
-                         "time vs data": step / data_step, "comm KiB/step": comm / 1024,
-                         "data comm KiB/step": data_comm / 1024, "comm vs data": comm / data_comm})
-    print(f"model={opts.model} hidden={opts.hidden}, global batch {opts.batch_size}, {opts.steps} steps, "
-          f"median of {opts.reps} (shared CPU: times are noisy)")
+            data_step, data_comm = (
+                statistics.median(t for t, _ in anchor_times),
+                statistics.median(c for _, c in anchor_times),
+            )
+            rows.append(
+                {
+                    "strategy": name,
+                    "ranks": ranks,
+                    "step ms": 1000 * step,
+                    "data step ms": 1000 * data_step,
+                    "time vs data": step / data_step,
+                    "comm KiB/step": comm / 1024,
+                    "data comm KiB/step": data_comm / 1024,
+                    "comm vs data": comm / data_comm,
+                }
+            )
+    print(
+        f"model={opts.model} hidden={opts.hidden}, global batch {opts.batch_size}, {opts.steps} steps, "
+        f"median of {opts.reps} (shared CPU: times are noisy)"
+    )
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 
 

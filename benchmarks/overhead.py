@@ -1,7 +1,7 @@
 """ddlkit's overhead against its anchors, side by side in one run.
 
 1. Step time: ddlkit's ``data`` strategy against a bare accelerate DDP loop
-   (``ddlkit.examples.train_digits`` reporting nothing), same model, data,
+   (``ddlkit.rank.examples.train_digits`` reporting nothing), same model, data,
    batch and process count, both in freshly spawned interpreters. Both are timed inside the workers, first step to
    last; ddlkit's side includes everything it adds per step (timing hook,
    ``loss.item()``, one event to the kernel).
@@ -16,6 +16,7 @@ affects both; medians are reported.
 
     python benchmarks/overhead.py [--reps 5] [--steps 300] [--world-size 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,42 @@ import ddlkit
 
 
 def step_times(reps: int, steps: int, world_size: int, batch_size: int, hidden: int, runs: str) -> tuple[list, list]:
-    cfg = ddlkit.RunConfig(strategy="data", world_size=world_size, model="mlp", dataset="digits", steps=steps,
-                           batch_size=batch_size, lr=0.05, hidden=hidden, device="cpu", run_dir=runs)
+    cfg = ddlkit.RunConfig(
+        strategy="data",
+        world_size=world_size,
+        model="mlp",
+        dataset="digits",
+        steps=steps,
+        batch_size=batch_size,
+        lr=0.05,
+        hidden=hidden,
+        device="cpu",
+        run_dir=runs,
+    )
     ours, bare = [], []
     for _ in range(reps):
         summary = ddlkit.launch(cfg, echo=False).wait(600).summary
         ours.append(summary["train_s"] / steps)
         # Spawned by name, as ddlkit's built-in runs are: a forked interpreter
         # runs the same loop ~5 % faster here, which is not ddlkit's doing.
-        returns = ddlkit.launch("ddlkit.examples:train_digits", steps, batch_size, 0.05, 0, 0, hidden,
-                                num_processes=world_size, device="cpu", run_dir=runs, echo=False).wait(600).result().returns
+        returns = (
+            ddlkit.launch(
+                "ddlkit.rank.examples:train_digits",
+                steps,
+                batch_size,
+                0.05,
+                0,
+                0,
+                hidden,
+                num_processes=world_size,
+                device="cpu",
+                run_dir=runs,
+                echo=False,
+            )
+            .wait(600)
+            .result()
+            .returns
+        )
         bare.append(max(r["step_time"] for r in returns.values()))
     return ours, bare
 
@@ -95,14 +122,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024],
-                        help="MLP widths: ddlkit's cost is about fixed per step, so it shows less on larger steps")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=[256, 1024],
+        help="MLP widths: ddlkit's cost is about fixed per step, so it shows less on larger steps",
+    )
     opts = parser.parse_args()
     os.environ["ACCELERATE_USE_CPU"] = "1"  # else notebook_launcher's ranks are N single processes on CPU
 
     with tempfile.TemporaryDirectory() as runs:
-        steps = {hidden: step_times(opts.reps, opts.steps, opts.world_size, opts.batch_size, hidden, runs)
-                 for hidden in opts.hidden}
+        steps = {
+            hidden: step_times(opts.reps, opts.steps, opts.world_size, opts.batch_size, hidden, runs)
+            for hidden in opts.hidden
+        }
         fork, anchor, spawn = [], [], []
         for _ in range(opts.reps):
             fork.append(ddlkit_latency(opts.world_size, runs))
@@ -110,15 +144,25 @@ def main() -> None:
             spawn.append(ddlkit_config_latency(opts.world_size, runs))
 
     med = statistics.median
-    rows = [(f"step time, data, mlp hidden={hidden} (ms)", med(ours) * 1e3, med(bare) * 1e3,
-             "bare accelerate DDP loop", 1.05) for hidden, (ours, bare) in steps.items()]
+    rows = [
+        (
+            f"step time, data, mlp hidden={hidden} (ms)",
+            med(ours) * 1e3,
+            med(bare) * 1e3,
+            "bare accelerate DDP loop",
+            1.05,
+        )
+        for hidden, (ours, bare) in steps.items()
+    ]
     rows += [
         ("launch to first event (s)", med(fork), med(anchor), "accelerate.notebook_launcher", 1.0),
         ("  same, built-in config, spawned (s)", med(spawn), med(anchor), "accelerate.notebook_launcher", None),
     ]
-    print(f"\n{opts.world_size} CPU processes, mlp on digits, batch {opts.batch_size}/rank, one event per step, "
-          f"{opts.steps} steps, median of {opts.reps} alternating repetitions "
-          f"({len(os.sched_getaffinity(0))} cores, torch {__import__('torch').__version__})\n")
+    print(
+        f"\n{opts.world_size} CPU processes, mlp on digits, batch {opts.batch_size}/rank, one event per step, "
+        f"{opts.steps} steps, median of {opts.reps} alternating repetitions "
+        f"({len(os.sched_getaffinity(0))} cores, torch {__import__('torch').__version__})\n"
+    )
     print(f"{'measure':<40} {'ddlkit':>10} {'anchor':>10} {'ratio':>7}  {'aim':>6}  anchor")
     for name, ours_value, anchor_value, anchor_name, aim in rows:
         ratio = ours_value / anchor_value

@@ -1,28 +1,57 @@
 """ddlkit: see distributed training happen, from a notebook.
 
->>> import ddlkit
->>> cfg = ddlkit.RunConfig(strategy="data", world_size=2, steps=20)
->>> run = ddlkit.launch(cfg, echo=False)   # returns at once
->>> run.wait(timeout=120).status
-'done'
+Example (launching starts worker processes, so it is no doctest)::
+
+    import ddlkit
+    cfg = ddlkit.RunConfig(strategy="data", world_size=2, steps=20)
+    run = ddlkit.launch(cfg, echo=False)   # returns at once
+    run.wait(timeout=120).status           # 'done'
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .config import RunConfig
-from .launch import launch
-from .reporter import log
-from .run import Result, Run, RunFailed, load_run
+from .kernel.launch import launch
+from .kernel.records import load_run
+from .kernel.run import Result, Run, RunFailed
+from .rank.reporter import log
 
-__all__ = ["RunConfig", "launch", "log", "Run", "RunFailed", "Result", "load_run", "Dashboard", "ControlPanel",
-           "sweep"]
+__all__ = [
+    "RunConfig",
+    "launch",
+    "log",
+    "Run",
+    "RunFailed",
+    "Result",
+    "load_run",
+    "Dashboard",
+    "ControlPanel",
+    "sweep",
+    "report",
+    "figures",
+    "timeline",
+    "staleness",
+]
 
-# Imported on first use: workers import ddlkit too, and need no plotly or widgets.
-_LAZY = {"Dashboard": ".dashboard", "ControlPanel": ".widgets", "sweep": ".sweeps"}
+# The view side, imported on first use: workers import ddlkit too, and need no plotly or widgets.
+_LAZY = {
+    "Dashboard": "view.dashboard",
+    "ControlPanel": "view.control_panel",
+    "sweep": "view.sweeps",
+    "report": "view.figures",
+}
+_VIEW_MODULES = ("figures", "timeline", "staleness")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name in _VIEW_MODULES:
+        return importlib.import_module(f"{__name__}.view.{name}")
     raise AttributeError(f"module 'ddlkit' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ secret token by answering a random challenge with an HMAC before anything else
 is read from it, so no other local process can inject events or send controls.
 Messages are JSON objects framed by ``multiprocessing.connection``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,14 +93,14 @@ def connect(address: tuple[str, int], token: str, rank: int) -> Connection:
 
 
 def send(conn: Connection, message: Any) -> None:
-    conn.send_bytes(json.dumps(message, default=_jsonable).encode())
+    conn.send_bytes(json.dumps(message, default=jsonable).encode())
 
 
 def recv(conn: Connection) -> Any:
     return json.loads(conn.recv_bytes())
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Numbers a user logs are often tensors or numpy scalars."""
     if hasattr(value, "item"):
         return value.item()

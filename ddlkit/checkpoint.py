@@ -9,7 +9,7 @@ fsync, rename to its final name, fsync of the parent folder. A folder without a
 manifest, or whose files do not match it (truncated, overwritten), is skipped
 in favour of the previous one, with a message saying so.
 
-Two layouts, chosen by the strategy (``checkpoint_sharded``):
+Two layouts, chosen by the strategy's spec (``StrategySpec.checkpoint``):
 
 - consolidated: rank 0 writes ``state.pt`` with the whole state (every rank of
   single/data holds a full replica). Any world size can resume from it.
@@ -23,6 +23,7 @@ Two layouts, chosen by the strategy (``checkpoint_sharded``):
 >>> found.step, load_file(found.path / "state.pt")["w"].tolist()
 (4, [1.0, 1.0])
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,11 +31,18 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import torch
+import torch.distributed as dist
+
+from . import registry
+from .config import RunConfig
+from .files import fsync_dir, write_synced
 
 MANIFEST = "manifest.json"
 CONSOLIDATED = "state.pt"
@@ -58,8 +66,16 @@ class Found:
     skipped: list[str] = field(default_factory=list)
 
 
-def save(root: Path, step: int, files: dict[str, Any], meta: dict[str, Any], keep: int = 2,
-         rank: int = 0, sharded: bool = False, barrier=None) -> Path | None:
+def save(
+    root: Path,
+    step: int,
+    files: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int = 2,
+    rank: int = 0,
+    sharded: bool = False,
+    barrier: Callable[[], object] | None = None,
+) -> Path | None:
     """Write this rank's ``files`` ({name: object}) of the checkpoint at
     ``step`` (the next step to run). Every rank calls it; rank 0 finishes the
     checkpoint (manifest, rename) and keeps the newest ``keep``. With
@@ -73,7 +89,7 @@ def save(root: Path, step: int, files: dict[str, Any], meta: dict[str, Any], kee
     if sharded and barrier is not None:
         barrier()  # the folder exists before anyone writes into it
     for name, obj in files.items():
-        _write_synced(tmp / name, obj)
+        write_synced(tmp / name, partial(_save, obj))
     if sharded and barrier is not None:
         barrier()  # every shard is on disk before the manifest vouches for it
     if rank != 0:
@@ -84,17 +100,17 @@ def save(root: Path, step: int, files: dict[str, Any], meta: dict[str, Any], kee
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a redone step's older copy
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _prune(root, keep)
     return final
 
 
 def latest(root: Path) -> Found | None:
     """The newest checkpoint whose manifest and files check out, or None."""
-    skipped = []
+    skipped: list[str] = []
     for path in sorted(root.glob("step-*[0-9]"), reverse=True):
         problem = verify(path)
         if problem is None:
@@ -144,19 +160,8 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_synced(path: Path, obj: Any) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _save(obj: Any, file: IO[bytes]) -> None:
+    torch.save(obj, file)
 
 
 def _sha256(path: Path) -> str:
@@ -174,19 +179,24 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(unfinished, ignore_errors=True)
 
 
-class Checkpointer:
-    """The training loop's side: restore at start, save every ``checkpoint_every``
-    steps and when stopped. ``strategy`` provides ``checkpoint_state()``,
-    ``load_checkpoint_state(state)`` and ``checkpoint_sharded`` (see
-    ``ddlkit.strategies``)."""
+class Checkpointable(Protocol):
+    """What a strategy whose spec sets ``checkpoint`` provides."""
 
-    def __init__(self, cfg, strategy, run_dir: Path, rank: int, world_size: int):
+    def checkpoint_state(self) -> dict[str, Any]: ...
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """The rank loop's side: restore at start, save every ``checkpoint_every``
+    steps and when stopped. The strategy's spec says the layout."""
+
+    def __init__(self, cfg: RunConfig, strategy: Any, run_dir: Path, rank: int, world_size: int):
         self.cfg = cfg
-        self.strategy = strategy
+        self.strategy: Checkpointable = strategy
         self.root = folder_of(run_dir)
         self.rank = rank
         self.world_size = world_size
-        self.sharded = bool(getattr(strategy, "checkpoint_sharded", False))
+        self.sharded = registry.get(cfg.strategy).checkpoint == "sharded"
 
     def restore(self, path: str | None) -> tuple[int, float | None]:
         """Load the checkpoint the kernel chose (``DDLKIT_RESUME``): the step to
@@ -204,8 +214,6 @@ class Checkpointer:
 
     def save(self, next_step: int, lr: float) -> Path | None:
         """Every rank calls it (a strategy may gather); returns the folder on rank 0."""
-        import torch.distributed as dist
-
         strategy_state = self.strategy.checkpoint_state()
         files = {}
         if self.sharded or self.rank == 0:

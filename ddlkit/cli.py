@@ -1,22 +1,27 @@
 """The command line: the same experiments as the notebook.
 
-    ddlkit run --strategy data --world-size 2 --steps 100
-    ddlkit run experiment.yaml --lr 0.1
-    ddlkit demo
+ddlkit run --strategy data --world-size 2 --steps 100
+ddlkit run experiment.yaml --lr 0.1
+ddlkit demo
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
+from typing import Any
 
 from tqdm import tqdm
 
-from .config import RunConfig
-from .elastic import find_resume_point, resume_folder
-from .launch import launch
-from .run import Run, RunFailed
+from . import registry
+from .config import RunConfig, common_fields
+from .kernel.launch import launch
+from .kernel.resume import find_resume_point, resume_folder
+from .kernel.run import Run, RunFailed
+from .view.figures import report as write_report
 
 DEMO = RunConfig(strategy="data", world_size=2, model="mlp", dataset="digits", steps=200, batch_size=32, lr=0.05)
 
@@ -30,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(RunConfig):
         if f.type in flag_types:
             run_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=flag_types[f.type])
-    run_cmd.add_argument("--resume", metavar="RUN_FOLDER",
-                         help="continue runs/<id> from its newest valid checkpoint (its config; flags override)")
+    for knob in registry.knob_names():  # a strategy's fields
+        run_cmd.add_argument("--" + knob.replace("_", "-"), dest=knob, default=None, type=_flag_value)
+    run_cmd.add_argument(
+        "--resume",
+        metavar="RUN_FOLDER",
+        help="continue runs/<id> from its newest valid checkpoint (its config; flags override)",
+    )
     run_cmd.add_argument("--report", action="store_true", help="also write runs/<id>/report.html")
     demo_cmd = commands.add_parser("demo", help="a small data-parallel run, with an HTML report")
     demo_cmd.add_argument("--steps", type=int, default=DEMO.steps)
@@ -45,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = RunConfig.load(resume_folder(opts.resume) / "config.json")
             else:
                 cfg = RunConfig.load(opts.config) if opts.config else RunConfig()
-            overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(RunConfig)
-                         if getattr(opts, f.name, None) is not None}
+            overrides = {
+                name: getattr(opts, name)
+                for name in [*common_fields(), *registry.knob_names()]
+                if getattr(opts, name, None) is not None
+            }
             cfg, report = cfg.replace(**overrides), opts.report
         cfg.validate()
         if getattr(opts, "resume", None):
@@ -72,9 +85,17 @@ def _run(cfg: RunConfig, report: bool, resume: str | None = None) -> int:
         return 1
     finally:
         if report:
-            print(f"report: {run.report(run.path / 'report.html')}")
+            print(f"report: {write_report(run, run.path / 'report.html')}")
     print(format_summary(run))
     return 0
+
+
+def _flag_value(text: str) -> Any:
+    """A knob's value from the command line: JSON (2, 1e-5, [2, 4], null, true), else the text itself (bsp)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _follow(run: Run, steps: int) -> None:

@@ -12,6 +12,7 @@ dropped (a batch may straddle two epochs), and the union of the ranks' batches
 at step ``t`` is exactly the batch a single process with ``world_size *
 batch_size`` would take: that is what makes data parallelism exact.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -46,8 +47,8 @@ def load_dataset(name: str, seed: int = 0, seq_len: int = 32) -> Dataset:
     (torch.Size([1797, 64]), 'classify', 10)
     """
     if name == "digits":
-        x, y = _digits()
-        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), "classify", 10)
+        pixels, digits = _digits()
+        return Dataset(name, torch.from_numpy(pixels), torch.from_numpy(digits), "classify", 10)
     gen = torch.Generator().manual_seed(seed)
     if name == "synthetic":  # 10 Gaussian blobs in 64 dimensions
         centers = 2.0 * torch.randn(10, 64, generator=gen)

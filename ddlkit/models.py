@@ -2,6 +2,7 @@
 blocks so that later strategies can cut them into pipeline stages or shard
 their linear layers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset
+
+LM_HEADS = 4  # attention heads of the built-in lm
 
 
 def build_model(name: str, dataset: Dataset, hidden: int = 128, seq_len: int = 32) -> nn.Module:
@@ -23,17 +26,23 @@ def build_model(name: str, dataset: Dataset, hidden: int = 128, seq_len: int = 3
     if name == "mlp":
         features = dataset.inputs.shape[1]
         return nn.Sequential(
-            nn.Linear(features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, dataset.num_outputs),
         )
     if name == "cnn":  # digits are 8x8 grey images
         return nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(32 * 4 * 4, hidden), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, dataset.num_outputs),
         )
     if name == "lm":
@@ -83,7 +92,7 @@ class Block(nn.Module):
 class CharTransformer(nn.Module):
     """A tiny GPT over characters: embeddings, blocks, a head."""
 
-    def __init__(self, vocab: int, dim: int = 128, seq_len: int = 32, layers: int = 2, heads: int = 4):
+    def __init__(self, vocab: int, dim: int = 128, seq_len: int = 32, layers: int = 2, heads: int = LM_HEADS):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.zeros(seq_len, dim))

@@ -1,6 +1,7 @@
 """Every test that starts workers proves none is left when it ends, also when
 it fails: no child process of this one, nothing in a worker's process group,
 and every port a run used free again."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ddlkit import run as run_module
+from ddlkit.kernel.run import Run
+from ddlkit.kernel.supervisor import Supervisor
 
 
 def _processes():
@@ -46,14 +48,14 @@ def port_is_free(port: int) -> bool:
 def no_leftovers(monkeypatch):
     """Track every run the test starts; afterwards stop any still live and
     assert that nothing of them is left."""
-    started: list[run_module.Run] = []
-    original = run_module.Run._supervise
+    started: list[Run] = []
+    original = Supervisor.start
 
     def tracking(self, *args, **kwargs):
-        started.append(self)
+        started.append(self.run)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(run_module.Run, "_supervise", tracking)
+    monkeypatch.setattr(Supervisor, "start", tracking)
     before = set(children_of(os.getpid()))
     yield started
     for run in started:

@@ -1,11 +1,12 @@
 """binder/ agrees with pyproject.toml: every dependency is installed there, at
 a version pyproject accepts, torch from the CPU index; and postBuild installs
 the repo without letting pip resolve (and swap torch) again."""
+
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -34,8 +35,9 @@ def test_binder_installs_every_dependency_at_a_version_pyproject_accepts():
     for name, requirement in wanted.items():
         (pin,) = pinned[name].specifier  # exactly one pin per package
         assert pin.operator == "==", f"{name} is not pinned in binder/requirements.txt"
-        assert requirement.specifier.contains(pin.version, prereleases=True), \
+        assert requirement.specifier.contains(pin.version, prereleases=True), (
             f"binder pins {name}=={pin.version}, which pyproject's {requirement} refuses"
+        )
 
 
 def test_binder_takes_torch_from_the_cpu_index_and_installs_the_repo_without_resolving():

@@ -7,6 +7,7 @@ nothing left behind.
 Needs the Debian package `chromium` (install.sh installs it); Playwright's own
 browser download is never used.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ from .conftest import port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 # The panel's dashboard as plotly draws it: its traces, read in the page.
 PANEL_PLOT = "document.querySelector('.ddlkit-dashboard .js-plotly-plot')"
@@ -93,15 +101,34 @@ def jupyterlab(tmp_path):
     root.mkdir()
     shutil.copy(REPO / "notebooks" / "00_quickstart.ipynb", root)
     port, token = free_port(), secrets.token_hex(16)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+    }
     log = open(tmp_path / "jupyterlab.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--allow-root",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.port_retries=0",
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -127,8 +154,10 @@ def jupyterlab(tmp_path):
 
 def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install the Debian package with `apt-get install -y chromium` "
-                    "(./install.sh does it); this test never downloads a browser")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install the Debian package with `apt-get install -y chromium` "
+            "(./install.sh does it); this test never downloads a browser"
+        )
     from playwright.sync_api import sync_playwright
 
     url, token, root = jupyterlab
@@ -136,8 +165,12 @@ def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
     errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1400, "height": 1000})
+            str(profile),
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1000},
+        )
         browser_pids = [pid for pid in processes_under(profile)]
         assert browser_pids, "no chromium process found with this test's profile"
         try:
@@ -151,8 +184,9 @@ def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
 
             page.click(".lm-MenuBar-itemLabel:text-is('Run')")
             page.click("[data-command='runmenu:run-all']")
-            page.wait_for_selector(".jp-OutputArea-output:has-text('mean loss over the first 10 steps')",
-                                   timeout=180_000)  # the last cell printed its result
+            page.wait_for_selector(
+                ".jp-OutputArea-output:has-text('mean loss over the first 10 steps')", timeout=180_000
+            )  # the last cell printed its result
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
 

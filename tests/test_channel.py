@@ -1,4 +1,5 @@
 """The channel listens on loopback and admits only holders of the run's token."""
+
 from __future__ import annotations
 
 import threading

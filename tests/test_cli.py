@@ -1,4 +1,5 @@
 """The command line runs the same experiments, with a summary and clear errors."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,9 @@ from .conftest import assert_nothing_left
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "ddlkit.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "ddlkit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=180
+    )
 
 
 def run_folder(output: str) -> Path:
@@ -41,8 +43,12 @@ def test_run_from_yaml_with_an_override(tmp_path):
 
 
 def test_a_failing_run_exits_non_zero_with_the_culprit(tmp_path):
-    ddlkit.RunConfig(world_size=2, steps=30, batch_size=8, fault={"rank": 1, "step": 2, "kind": "exception"},
-                     ).save(tmp_path / "exp.yaml")
+    ddlkit.RunConfig(
+        world_size=2,
+        steps=30,
+        batch_size=8,
+        fault={"rank": 1, "step": 2, "kind": "exception"},
+    ).save(tmp_path / "exp.yaml")
     failed = cli("run", "exp.yaml", cwd=tmp_path)
     assert failed.returncode == 1
     assert "first failure: rank 1" in failed.stderr and "injected fault at step 2" in failed.stderr
@@ -73,10 +79,31 @@ def test_the_worker_runs_under_accelerate_launch(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(port), "-m", "ddlkit.worker", "exp.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180, env={**__import__("os").environ, "ACCELERATE_USE_CPU": "1"})
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "ddlkit.worker",
+            "exp.yaml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**__import__("os").environ, "ACCELERATE_USE_CPU": "1"},
+    )
     assert done.returncode == 0, done.stderr
     (folder,) = (tmp_path / "runs").iterdir()
     run = ddlkit.load_run(folder)

@@ -1,4 +1,5 @@
 """RunConfig: every bad value becomes one clear ValueError before anything starts."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Live controls reach every rank within 1 s, at the same step on every rank."""
+
 from __future__ import annotations
 
 import time
@@ -10,8 +11,9 @@ from ddlkit import RunConfig
 
 
 def _endless(runs_dir, **changes):
-    cfg = RunConfig(strategy="data", world_size=2, steps=1_000_000, batch_size=16, device="cpu", run_dir=runs_dir,
-                    hang_timeout=60).replace(**changes)
+    cfg = RunConfig(
+        strategy="data", world_size=2, steps=1_000_000, batch_size=16, device="cpu", run_dir=runs_dir, hang_timeout=60
+    ).replace(**changes)
     run = ddlkit.launch(cfg, echo=False)
     _wait_until(lambda: run.steps_done >= 30, 60)
     return run

@@ -1,5 +1,6 @@
 """The dashboard's data path: events in, figure data out; downsampling;
 control markers; conditional panels; the refresh thread's life."""
+
 from __future__ import annotations
 
 import threading
@@ -9,25 +10,41 @@ import numpy as np
 import pytest
 
 import ddlkit
-from ddlkit import figures
-from ddlkit.figures import Panel, RunData, downsample, has_events, per_run
-from ddlkit.run import Run
+from ddlkit.kernel.run import Run
+from ddlkit.view import figures, panels, traces
+from ddlkit.view.panels import Panel, has_events, per_run
+from ddlkit.view.rundata import RunData, downsample
 
 STARTED = 1000.0
 
 
-def fake_run(tmp_path, world_size=2, events=(), name="fake"):
-    run = Run(name, tmp_path / name, world_size, STARTED, meta={"target": "config"})
+def fake_run(tmp_path, world_size=2, events=(), name="fake", status="running"):
     (tmp_path / name).mkdir()
-    run._status = "running"
-    run._add(list(events))
-    return run
+    return Run.from_events(
+        list(events),
+        started=STARTED,
+        world_size=world_size,
+        status=status,
+        run_id=name,
+        path=tmp_path / name,
+        meta={"target": "config"},
+    )
 
 
 def step(rank, number, loss, samples=16, step_time=0.1, compute=0.06, comm=0.03, wait=0.01):
-    return {"type": "step", "rank": rank, "time": STARTED + number + 0.1 * rank, "step": number, "loss": loss,
-            "samples": samples, "lr": 0.05, "step_time": step_time, "compute_s": compute, "comm_s": comm,
-            "wait_s": wait}
+    return {
+        "type": "step",
+        "rank": rank,
+        "time": STARTED + number + 0.1 * rank,
+        "step": number,
+        "loss": loss,
+        "samples": samples,
+        "lr": 0.05,
+        "step_time": step_time,
+        "compute_s": compute,
+        "comm_s": comm,
+        "wait_s": wait,
+    }
 
 
 def two_rank_events(steps=4):
@@ -96,12 +113,24 @@ def test_control_markers_sit_on_the_mean_loss_applied_at_their_step(tmp_path):
 def test_conditional_panels_appear_only_with_their_data(tmp_path):
     run = fake_run(tmp_path, events=two_rank_events())
     data, ctx = figures.load(run)
-    assert [p.key for p in figures.active_panels(data, ctx)] == ["loss_step", "loss_time", "throughput", "breakdown"]
-    run._add([{"type": "memory", "rank": r, "time": STARTED + 5, "param_bytes": 2**20, "grad_bytes": 2**20,
-               "optimizer_bytes": 0, "peak_activation_bytes": 2**19} for r in (0, 1)])
+    assert [p.key for p in panels.active_panels(data, ctx)] == ["loss_step", "loss_time", "throughput", "breakdown"]
+    run.record(
+        [
+            {
+                "type": "memory",
+                "rank": r,
+                "time": STARTED + 5,
+                "param_bytes": 2**20,
+                "grad_bytes": 2**20,
+                "optimizer_bytes": 0,
+                "peak_activation_bytes": 2**19,
+            }
+            for r in (0, 1)
+        ]
+    )
     data[0].update()
-    assert "memory" in [p.key for p in figures.active_panels(data, ctx)]
-    memory = figures.panel_traces(data, ctx, [p for p in figures.PANELS if p.key == "memory"])[0]
+    assert "memory" in [p.key for p in panels.active_panels(data, ctx)]
+    memory = panels.panel_traces(data, ctx, [p for p in panels.PANELS if p.key == "memory"])[0]
     assert [t["name"] for t in memory] == ["param", "grad", "optimizer", "peak_activation"]
     assert list(memory[-1]["base"]) == [2.0, 2.0]  # MiB stacked under the activations
 
@@ -110,19 +139,25 @@ def test_a_registered_panel_is_one_entry_and_follows_its_events(tmp_path, monkey
     def probes(run):  # what a helper module exposes: traces(run) -> list of traces
         return [{"type": "bar", "name": "probes", "x": [e["value"] for e in run.events if e["type"] == "probe"]}]
 
-    monkeypatch.setattr(figures, "PANELS", figures.PANELS + [
-        Panel("probe", "probe panel", per_run(probes), when=has_events("probe"))])
+    monkeypatch.setattr(
+        panels, "PANELS", panels.PANELS + [Panel("probe", "probe panel", per_run(probes), when=has_events("probe"))]
+    )
     run = fake_run(tmp_path, events=two_rank_events())
     assert "probes" not in [t.name for t in figures.figure(run).data]
-    run._add([{"type": "probe", "rank": 1, "time": STARTED + 9, "value": 1}])
+    run.record([{"type": "probe", "rank": 1, "time": STARTED + 9, "value": 1}])
     assert traces_by_name(figures.figure(run), "probes")[0].x == (1,)
 
 
 def test_speedup_against_a_baseline_with_the_ideal_line(tmp_path):
-    base = fake_run(tmp_path, world_size=1, name="base",
-                    events=[step(0, n, 1.0, samples=32, step_time=0.4) for n in range(3)])
-    fast = fake_run(tmp_path, world_size=2, name="fast",
-                    events=[step(r, n, 1.0, samples=16, step_time=0.1) for n in range(3) for r in (0, 1)])
+    base = fake_run(
+        tmp_path, world_size=1, name="base", events=[step(0, n, 1.0, samples=32, step_time=0.4) for n in range(3)]
+    )
+    fast = fake_run(
+        tmp_path,
+        world_size=2,
+        name="fast",
+        events=[step(r, n, 1.0, samples=16, step_time=0.1) for n in range(3) for r in (0, 1)],
+    )
     fig = figures.figure([base, fast], baseline=base, keys=["speedup"])
     (ideal,) = traces_by_name(fig, "ideal")
     (measured,) = traces_by_name(fig, "measured speedup")
@@ -143,7 +178,7 @@ def test_update_reads_only_new_events_and_matches_a_fresh_read(tmp_path):
     events = two_rank_events(10)
     run = fake_run(tmp_path, events=events[:7])
     live = RunData(run)
-    run._add(events[7:])
+    run.record(events[7:])
     assert live.update() == len(events) - 7
     assert live.update() == 0
     fresh = RunData(run)
@@ -156,11 +191,11 @@ def test_refresh_updates_the_widget_in_place_and_lays_out_again_for_a_new_rank(t
     run = fake_run(tmp_path, world_size=3, events=two_rank_events(3))
     dashboard = ddlkit.Dashboard(run, interval=3600)
     first_traces = dashboard.figure.data
-    run._add([step(r, 3, loss=1.0) for r in (0, 1)])
+    run.record([step(r, 3, loss=1.0) for r in (0, 1)])
     dashboard.refresh()
     assert dashboard.figure.data[0] is first_traces[0]  # the same trace, new data
     assert list(traces_by_name(dashboard.figure, "rank 0")[0].y)[-1] == 1.0
-    run._add([step(2, 0, loss=3.0)])  # a third rank reports: new traces, new layout
+    run.record([step(2, 0, loss=3.0)])  # a third rank reports: new traces, new layout
     dashboard.refresh()
     assert len(traces_by_name(dashboard.figure, "rank 2")) == 2
     dashboard.close()
@@ -175,8 +210,9 @@ def test_the_refresh_thread_ends_after_the_run_with_a_last_refresh(tmp_path):
     run = fake_run(tmp_path, events=two_rank_events(2))
     dashboard = ddlkit.Dashboard(run, interval=0.05)
     assert dashboard.running
-    run._add([step(r, 2, loss=0.5) for r in (0, 1)])
-    run._finish("done", None)  # the events above arrived just before the end
+    run.record([step(r, 2, loss=0.5) for r in (0, 1)])
+    run.finish("done", None)
+    run.end()  # the events above arrived just before the end
     dashboard.join(5)
     assert not dashboard.running and dashboard_threads() == []
     assert list(traces_by_name(dashboard.figure, "mean loss")[0].y)[-1] == 0.5
@@ -198,14 +234,16 @@ def test_closing_the_dashboard_stops_its_thread(tmp_path):
 
 def test_a_finished_run_gets_no_thread(tmp_path):
     run = fake_run(tmp_path, events=two_rank_events(2))
-    run._finish("stopped", None)
+    run.finish("stopped", None)
+    run.end()
     dashboard = ddlkit.Dashboard(run)
     assert not dashboard.running and len(traces_by_name(dashboard.figure, "mean loss")) == 2
 
 
 def test_a_live_two_rank_run_draws_every_step_and_the_thread_ends(runs_dir):
-    run = ddlkit.launch(ddlkit.RunConfig(strategy="data", world_size=2, steps=40, device="cpu", run_dir=runs_dir),
-                        echo=False)
+    run = ddlkit.launch(
+        ddlkit.RunConfig(strategy="data", world_size=2, steps=40, device="cpu", run_dir=runs_dir), echo=False
+    )
     dashboard = ddlkit.Dashboard(run)
     run.wait(120)
     dashboard.join(5)
@@ -216,24 +254,24 @@ def test_a_live_two_rank_run_draws_every_step_and_the_thread_ends(runs_dir):
 
 
 def test_the_report_is_the_same_panels_as_html(runs_dir, tmp_path):
-    run = ddlkit.launch(ddlkit.RunConfig(strategy="single", world_size=1, steps=5, device="cpu", run_dir=runs_dir),
-                        echo=False).wait(120)
-    html = run.report(tmp_path / "report.html").read_text()
+    run = ddlkit.launch(
+        ddlkit.RunConfig(strategy="single", world_size=1, steps=5, device="cpu", run_dir=runs_dir), echo=False
+    ).wait(120)
+    html = ddlkit.report(run, tmp_path / "report.html").read_text()
     for title in ("loss vs step", "loss vs wall time", "throughput", "time per step: compute"):
         assert title in html
 
 
 def test_a_marker_names_only_the_controls_that_changed():
     event = {"type": "control", "rank": 0, "time": 1.0, "step": 3, "attempt": 2, "lr": 0.01, "paused": True}
-    assert figures.marker_label(event) == "lr=0.01, paused"
+    assert traces.marker_label(event) == "lr=0.01, paused"
 
 
 def test_a_dashboard_opened_on_a_long_run_reads_it_in_slices_and_catches_up(tmp_path, monkeypatch):
-    from ddlkit import dashboard as dashboard_module
+    from ddlkit.view import dashboard as dashboard_module
 
     monkeypatch.setattr(dashboard_module, "MAX_EVENTS_PER_REFRESH", 100)
-    run = fake_run(tmp_path, events=two_rank_events(steps=250))  # 500 events: five slices
-    run._status = "done"
+    run = fake_run(tmp_path, events=two_rank_events(steps=250), status="done")  # 500 events: five slices
     dashboard = ddlkit.Dashboard(run, interval=0.01)
     assert dashboard.data[0].cursor == 100  # the first refresh read one slice, not the backlog
     assert dashboard.running  # the run has ended, but its events are not all drawn yet

@@ -1,4 +1,5 @@
 """Built-in data and models: deterministic, sharded with no overlap and no drop."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ def test_each_epoch_covers_every_sample_once_across_ranks(world_size, batch_size
     steps = -(-2 * n // global_batch)  # two epochs and a bit
     stream = torch.cat([torch.cat([s.indices(t) for s in shards]) for t in range(steps)])
     assert torch.equal(stream[:n].sort().values, torch.arange(n))  # epoch 0: each sample once, none dropped
-    assert torch.equal(stream[n: 2 * n].sort().values, torch.arange(n))  # epoch 1 too
-    assert not torch.equal(stream[:n], stream[n: 2 * n])  # a fresh order each epoch
+    assert torch.equal(stream[n : 2 * n].sort().values, torch.arange(n))  # epoch 1 too
+    assert not torch.equal(stream[:n], stream[n : 2 * n])  # a fresh order each epoch
 
 
 def test_ranks_of_a_step_are_disjoint_and_make_the_single_process_batch():
@@ -40,8 +41,10 @@ def test_same_seed_same_data_and_weights():
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("model, dataset", [("mlp", "digits"), ("cnn", "digits"), ("lm", "sonnets"),
-                                            ("mlp", "regression"), ("mlp", "synthetic")])
+@pytest.mark.parametrize(
+    "model, dataset",
+    [("mlp", "digits"), ("cnn", "digits"), ("lm", "sonnets"), ("mlp", "regression"), ("mlp", "synthetic")],
+)
 def test_every_model_learns_its_data(model, dataset):
     torch.manual_seed(0)
     ds = load_dataset(dataset)

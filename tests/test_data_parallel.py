@@ -1,4 +1,5 @@
 """Data parallelism, end to end on two CPU processes over gloo."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,17 @@ from ddlkit import RunConfig
 
 
 def _train(runs_dir, **changes):
-    cfg = RunConfig(model="mlp", dataset="digits", steps=12, lr=0.1, optimizer="sgd", seed=0,
-                    device="cpu", run_dir=runs_dir, hang_timeout=60).replace(**changes)
+    cfg = RunConfig(
+        model="mlp",
+        dataset="digits",
+        steps=12,
+        lr=0.1,
+        optimizer="sgd",
+        seed=0,
+        device="cpu",
+        run_dir=runs_dir,
+        hang_timeout=60,
+    ).replace(**changes)
     return ddlkit.launch(cfg, echo=False).wait(timeout=120)
 
 
@@ -46,15 +56,27 @@ def test_the_log_reloads_into_the_same_table(runs_dir):
     assert again.status == "done" and again.id == run.id
     assert again.metrics.equals(run.metrics)
     on_disk = [json.loads(line) for line in (run.path / "events.jsonl").read_text().splitlines()]
-    assert len(on_disk) == len(run.events) == 2 * 15 + 2 * 2 + 2  # steps of both ranks, their "memory" and "comm", 2 "finished"
+    assert (
+        len(on_disk) == len(run.events) == 2 * 15 + 2 * 2 + 2
+    )  # steps of both ranks, their "memory" and "comm", 2 "finished"
     assert again.summary == run.summary
     assert ddlkit.RunConfig.load(run.path / "config.json").steps == 15
 
 
 @pytest.mark.parametrize("model, dataset", [("cnn", "digits"), ("lm", "sonnets"), ("mlp", "regression")])
 def test_other_models_train_data_parallel(runs_dir, model, dataset):
-    run = _train(runs_dir, strategy="data", world_size=2, batch_size=16, steps=30, model=model,
-                 dataset=dataset, optimizer="adam", lr=3e-3, hidden=32)
+    run = _train(
+        runs_dir,
+        strategy="data",
+        world_size=2,
+        batch_size=16,
+        steps=30,
+        model=model,
+        dataset=dataset,
+        optimizer="adam",
+        lr=3e-3,
+        hidden=32,
+    )
     loss = run.metrics.groupby("step")["loss"].mean()
     assert loss.iloc[-5:].mean() < loss.iloc[:5].mean()
 

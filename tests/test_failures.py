@@ -1,6 +1,7 @@
 """Every way a rank can end badly: the run fails (or stops) with a message that
 names every rank and the real culprit, keeps what it recorded, and within 10 s
 leaves no process and no port behind (checked by the no_leftovers fixture)."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,16 @@ from ddlkit import RunConfig, RunFailed
 
 
 def _failing_run(runs_dir, kind, step=3, **changes):
-    cfg = RunConfig(strategy="data", world_size=2, steps=40, batch_size=8, device="cpu", run_dir=runs_dir,
-                    hang_timeout=60, fault={"rank": 1, "step": step, "kind": kind}).replace(**changes)
+    cfg = RunConfig(
+        strategy="data",
+        world_size=2,
+        steps=40,
+        batch_size=8,
+        device="cpu",
+        run_dir=runs_dir,
+        hang_timeout=60,
+        fault={"rank": 1, "step": step, "kind": kind},
+    ).replace(**changes)
     run = ddlkit.launch(cfg, echo=False)
     with pytest.raises(RunFailed) as info:
         run.wait(timeout=120)

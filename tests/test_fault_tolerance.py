@@ -3,6 +3,7 @@ trains compares its final weights with an uninterrupted run of the same config:
 whatever failed or changed on the way, the run must end where it would have.
 Steps redone are counted from the events (``run.events`` keeps every attempt's
 step events; ``run.metrics`` only the latest per step)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,18 @@ import ddlkit
 from ddlkit import RunConfig, checkpoint
 from ddlkit.cli import main as cli_main
 
-BASE = RunConfig(strategy="data", world_size=2, steps=30, batch_size=8, lr=0.01, optimizer="adam", device="cpu",
-                 hang_timeout=60, checkpoint_every=5, keep_checkpoints=3)
+BASE = RunConfig(
+    strategy="data",
+    world_size=2,
+    steps=30,
+    batch_size=8,
+    lr=0.01,
+    optimizer="adam",
+    device="cpu",
+    hang_timeout=60,
+    checkpoint_every=5,
+    keep_checkpoints=3,
+)
 _references: dict[str, dict[str, torch.Tensor]] = {}
 
 
@@ -102,8 +113,9 @@ def test_restarts_are_reliable_20_of_20(runs_dir):
 
 
 def test_a_hang_past_the_timeout_restarts_too(runs_dir):
-    cfg = BASE.replace(run_dir=runs_dir, steps=15, hang_timeout=5, max_restarts=1,
-                       fault={"rank": 1, "step": 8, "kind": "hang"})
+    cfg = BASE.replace(
+        run_dir=runs_dir, steps=15, hang_timeout=5, max_restarts=1, fault={"rank": 1, "step": 8, "kind": "hang"}
+    )
     run = ddlkit.launch(cfg, echo=False).wait(timeout=240)
     assert run.status == "done"
     (restart,) = of_type(run, "restart")
@@ -191,8 +203,11 @@ def test_resize_2_to_1_and_back_loses_no_step(runs_dir):
     layouts = of_type(run, "layout")
     assert [(e["world_size"], e["batch_size"]) for e in layouts] == [(1, 16), (2, 8)]  # same global batch
     for layout in layouts:  # the ranks stopped at a step and checkpointed it: nothing lost, nothing redone
-        before = [e["step"] for e in run.events
-                  if e["type"] == "step" and e["rank"] == 0 and e["attempt"] == layout["attempt"] - 1]
+        before = [
+            e["step"]
+            for e in run.events
+            if e["type"] == "step" and e["rank"] == 0 and e["attempt"] == layout["attempt"] - 1
+        ]
         assert layout["from_step"] == max(before) + 1
     assert steps_redone(run) == 0
     assert_one_row_per_step(run, cfg.steps)
@@ -202,14 +217,20 @@ def test_resize_2_to_1_and_back_loses_no_step(runs_dir):
 
 
 # ---- refused before anything starts -----------------------------------------
-@pytest.mark.parametrize("changes, message", [
-    ({"checkpoint_every": 0}, "checkpoint_every=0 is invalid"),
-    ({"keep_checkpoints": 0}, "keep_checkpoints=0 is invalid"),
-    ({"max_restarts": -1}, "max_restarts=-1 is invalid"),
-    ({"fault": {"rank": 0, "step": 1, "kind": "exit", "attempt": 2}, "max_restarts": 1}, "fault attempt=2 is invalid"),
-    ({"fault": [{"rank": 0, "step": 1, "kind": "exit"}, {"rank": 5, "step": 1, "kind": "exit"}]}, "fault rank=5"),
-    ({"strategy": "ps", "world_size": 3}, "checkpoint_every=5 is invalid for strategy='ps'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"checkpoint_every": 0}, "checkpoint_every=0 is invalid"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints=0 is invalid"),
+        ({"max_restarts": -1}, "max_restarts=-1 is invalid"),
+        (
+            {"fault": {"rank": 0, "step": 1, "kind": "exit", "attempt": 2}, "max_restarts": 1},
+            "fault attempt=2 is invalid",
+        ),
+        ({"fault": [{"rank": 0, "step": 1, "kind": "exit"}, {"rank": 5, "step": 1, "kind": "exit"}]}, "fault rank=5"),
+        ({"strategy": "ps", "world_size": 3}, "checkpoint_every=5 is invalid for strategy='ps'"),
+    ],
+)
 def test_bad_fault_tolerance_configs_are_refused(runs_dir, changes, message):
     with pytest.raises(ValueError, match=message):
         ddlkit.launch(BASE.replace(run_dir=runs_dir, **changes), echo=False)

@@ -1,4 +1,5 @@
 """Hogwild on two CPU processes: one parameter buffer, updated without locks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,21 @@ from ddlkit import RunConfig
 
 def test_ranks_share_one_parameter_buffer_and_train(runs_dir):
     steps = 30
-    cfg = RunConfig(strategy="hogwild", world_size=2, model="mlp", dataset="digits", hidden=16, steps=steps,
-                    batch_size=16, lr=0.2, optimizer="sgd", seed=0, device="cpu", run_dir=runs_dir, hang_timeout=60)
+    cfg = RunConfig(
+        strategy="hogwild",
+        world_size=2,
+        model="mlp",
+        dataset="digits",
+        hidden=16,
+        steps=steps,
+        batch_size=16,
+        lr=0.2,
+        optimizer="sgd",
+        seed=0,
+        device="cpu",
+        run_dir=runs_dir,
+        hang_timeout=60,
+    )
     run = ddlkit.launch(cfg, echo=False).wait(timeout=120)
     finished = {e["rank"]: e for e in run.events if e["type"] == "finished"}
     # Each rank applied only its own gradients, on its own data shard; with

@@ -1,4 +1,5 @@
 """ddlkit.launch: returns at once, forms one group, tags output, stays on loopback."""
+
 from __future__ import annotations
 
 import socket
@@ -8,7 +9,7 @@ import pytest
 
 import ddlkit
 from ddlkit import RunConfig
-from ddlkit.launch import _spawnable_name
+from ddlkit.kernel.launch import spawnable_name
 
 
 def _group_info(lines):
@@ -29,8 +30,10 @@ def test_a_plain_accelerator_finds_one_group_of_n_on_cpu(runs_dir):
 
 
 def test_launch_returns_at_once(runs_dir):
-    for target, kwargs in [(RunConfig(steps=5, run_dir=runs_dir), {}),
-                           (_group_info, {"num_processes": 2, "run_dir": runs_dir})]:
+    for target, kwargs in [
+        (RunConfig(steps=5, run_dir=runs_dir), {}),
+        (_group_info, {"num_processes": 2, "run_dir": runs_dir}),
+    ]:
         args = (0,) if callable(target) else ()
         started = time.perf_counter()
         run = ddlkit.launch(target, *args, echo=False, **kwargs)
@@ -48,8 +51,9 @@ def test_output_arrives_tagged_by_rank_in_whole_lines(runs_dir):
 
 
 def test_a_function_given_by_name_runs_in_fresh_interpreters(runs_dir):
-    run = ddlkit.launch("ddlkit.examples:train_digits", 10, 16, num_processes=2, run_dir=runs_dir,
-                        echo=False).wait(timeout=120)
+    run = ddlkit.launch(
+        "ddlkit.rank.examples:train_digits", 10, 16, num_processes=2, run_dir=runs_dir, echo=False
+    ).wait(timeout=120)
     assert len(run.metrics) == 20
     returns = run.result().returns
     assert returns[0]["steps"] == returns[1]["steps"] == 10
@@ -91,11 +95,11 @@ def test_cuda_already_initialised_needs_an_importable_function(monkeypatch):
         pass
 
     with pytest.raises(RuntimeError, match="restart the kernel .* or move the function into a module"):
-        _spawnable_name(local_train, (), "cuda")
-    from ddlkit.examples import train_digits
+        spawnable_name(local_train, (), "cuda")
+    from ddlkit.rank.examples import train_digits
 
-    assert _spawnable_name(train_digits, (), "cuda") == "ddlkit.examples:train_digits"
-    assert _spawnable_name(local_train, (), "cpu") is None  # on CPU a fork is fine
+    assert spawnable_name(train_digits, (), "cuda") == "ddlkit.rank.examples:train_digits"
+    assert spawnable_name(local_train, (), "cpu") is None  # on CPU a fork is fine
 
 
 def test_bad_targets_are_refused_before_anything_starts(runs_dir):
@@ -104,6 +108,6 @@ def test_bad_targets_are_refused_before_anything_starts(runs_dir):
     with pytest.raises(ValueError, match="'package.module:function'"):
         ddlkit.launch("no_colon_here", run_dir=runs_dir)
     with pytest.raises(TypeError, match="JSON values"):
-        ddlkit.launch("ddlkit.examples:train_digits", object(), run_dir=runs_dir)
+        ddlkit.launch("ddlkit.rank.examples:train_digits", object(), run_dir=runs_dir)
     with pytest.raises(TypeError, match="pass world_size in the config"):
         ddlkit.launch(RunConfig(), num_processes=2)

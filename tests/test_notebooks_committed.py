@@ -1,6 +1,7 @@
 """The committed notebooks are exactly what tools/make_notebooks.py writes:
 no outputs (a 5 MB widget bundle per output is not for git), and no notebook
 edited by hand and forgotten in the generator."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,6 +20,11 @@ def test_committed_notebooks_carry_no_outputs_and_match_their_generator(tmp_path
     assert committed == sorted(p.name for p in tmp_path.glob("*.ipynb"))
     for name in committed:
         notebook = json.loads((ROOT / "notebooks" / name).read_text())
-        assert all(not cell.get("outputs") and cell.get("execution_count") is None
-                   for cell in notebook["cells"] if cell["cell_type"] == "code"), name
-        assert (ROOT / "notebooks" / name).read_text() == (tmp_path / name).read_text(), f"{name} differs from its generator"
+        assert all(
+            not cell.get("outputs") and cell.get("execution_count") is None
+            for cell in notebook["cells"]
+            if cell["cell_type"] == "code"
+        ), name
+        assert (ROOT / "notebooks" / name).read_text() == (tmp_path / name).read_text(), (
+            f"{name} differs from its generator"
+        )

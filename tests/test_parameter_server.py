@@ -1,5 +1,6 @@
 """Parameter servers end to end: 1 server + 2 workers on CPU over gloo
 (ranks 1 and 2 are the workers), tiny model, few steps."""
+
 from __future__ import annotations
 
 import time
@@ -11,9 +12,21 @@ from ddlkit import RunConfig, RunFailed
 
 
 def _config(runs_dir, **changes) -> RunConfig:
-    return RunConfig(strategy="ps", world_size=3, model="mlp", dataset="digits", hidden=16, steps=8,
-                     batch_size=16, lr=0.1, optimizer="sgd", seed=0, device="cpu", run_dir=runs_dir,
-                     hang_timeout=60).replace(**changes)
+    return RunConfig(
+        strategy="ps",
+        world_size=3,
+        model="mlp",
+        dataset="digits",
+        hidden=16,
+        steps=8,
+        batch_size=16,
+        lr=0.1,
+        optimizer="sgd",
+        seed=0,
+        device="cpu",
+        run_dir=runs_dir,
+        hang_timeout=60,
+    ).replace(**changes)
 
 
 def _train(runs_dir, **changes):
@@ -69,8 +82,16 @@ def test_scripted_delays_give_the_staleness_computed_by_hand(runs_dir):
       w1 s3 reads 4, applied at 4 -> 0    w2 s1 reads 3, applied at 5 -> 2
       w2 s2 reads 6, applied at 6 -> 0    w2 s3 reads 7, applied at 7 -> 0"""
     run = _train(runs_dir, sync="async", steps=4, delay_s={1: 0.4, 2: 1.0})
-    expected = [(1, 0, 0, 0), (1, 1, 1, 1), (2, 0, 0, 2), (1, 2, 2, 3),
-                (1, 3, 4, 4), (2, 1, 3, 5), (2, 2, 6, 6), (2, 3, 7, 7)]
+    expected = [
+        (1, 0, 0, 0),
+        (1, 1, 1, 1),
+        (2, 0, 0, 2),
+        (1, 2, 2, 3),
+        (1, 3, 4, 4),
+        (2, 1, 3, 5),
+        (2, 2, 6, 6),
+        (2, 3, 7, 7),
+    ]
     recorded = [(e["worker"], e["step"], e["read_version"], e["applied_version"]) for e in _updates(run)]
     assert recorded == expected
     assert [e["staleness"] for e in _updates(run)] == [0, 0, 2, 1, 0, 2, 0, 0]
@@ -97,14 +118,15 @@ def test_staleness_lr_divides_a_gradient_by_its_staleness():
 
     import torch
 
-    from ddlkit.strategies import make_optimizer
+    from ddlkit.rank.strategy import make_optimizer
     from ddlkit.strategies.ps import ParameterServer
 
     cfg = RunConfig(strategy="ps", world_size=2, lr=1.0, optimizer="sgd", staleness_lr=True)
     model = torch.nn.Linear(2, 1, bias=False)
     before = model.weight.detach().clone()
-    server = ParameterServer(cfg, SimpleNamespace(process_index=0, num_processes=2), model, "regress",
-                             make_optimizer(cfg))
+    server = ParameterServer(
+        cfg, SimpleNamespace(process_index=0, num_processes=2), model, "regress", make_optimizer(cfg)
+    )
     server.apply([(4, torch.tensor([4.0, 8.0]))])  # SGD, lr 1, staleness 4: a step of gradient / 4
     assert torch.equal(model.weight.detach(), before - torch.tensor([[1.0, 2.0]]))
     server.apply([(0, torch.tensor([1.0, 1.0]))])  # fresh gradients are not scaled up
@@ -147,26 +169,30 @@ def test_live_slowdown_reaches_a_worker(runs_dir):
 
 
 def test_a_killed_worker_fails_the_run_with_its_name(runs_dir):
-    run = ddlkit.launch(_config(runs_dir, sync="bsp", steps=200, fault={"rank": 2, "step": 3, "kind": "sigkill"}),
-                        echo=False)
+    run = ddlkit.launch(
+        _config(runs_dir, sync="bsp", steps=200, fault={"rank": 2, "step": 3, "kind": "sigkill"}), echo=False
+    )
     with pytest.raises(RunFailed) as info:
         run.wait(timeout=90)
     message = str(info.value)
     assert "first failure: rank 2" in message and "rank 2: killed by SIGKILL" in message
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"sync": "eventual"}, "sync='eventual' is invalid"),
-    ({"staleness_bound": -1}, "staleness_bound=-1 is invalid"),
-    ({"servers": 3}, "servers=3 is invalid with world_size=3"),
-    ({"servers": 0}, "servers=0 is invalid"),
-    ({"max_staleness": 2, "sync": "ssp"}, "valid only with sync='async'"),
-    ({"max_staleness": -1}, "max_staleness=-1 is invalid"),
-    ({"slowdown": {5: 3.0}}, "slowdown={5: 3.0} is invalid"),
-    ({"slowdown": {1: 0.5}}, "slowdown={1: 0.5} is invalid"),
-    ({"delay_s": {"x": 1}}, "delay_s={'x': 1} is invalid"),
-    ({"delay_jitter_s": -0.1}, "delay_jitter_s=-0.1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"sync": "eventual"}, "sync='eventual' is invalid"),
+        ({"staleness_bound": -1}, "staleness_bound=-1 is invalid"),
+        ({"servers": 3}, "servers=3 is invalid with world_size=3"),
+        ({"servers": 0}, "servers=0 is invalid"),
+        ({"max_staleness": 2, "sync": "ssp"}, "valid only with sync='async'"),
+        ({"max_staleness": -1}, "max_staleness=-1 is invalid"),
+        ({"slowdown": {5: 3.0}}, "slowdown={5: 3.0} is invalid"),
+        ({"slowdown": {1: 0.5}}, "slowdown={1: 0.5} is invalid"),
+        ({"delay_s": {"x": 1}}, "delay_s={'x': 1} is invalid"),
+        ({"delay_jitter_s": -0.1}, "delay_jitter_s=-0.1 is invalid"),
+    ],
+)
 def test_bad_configs_are_refused_before_launch(runs_dir, changes, words):
     with pytest.raises(ValueError) as info:
         ddlkit.launch(_config(runs_dir, **changes), echo=False)

@@ -1,5 +1,6 @@
 """The analysis helpers, on a hand-written run (no processes): the numbers
 the staleness panel draws are the numbers in the events."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,17 +11,39 @@ from ddlkit import staleness
 
 
 def _update(t, server, worker, step, read, applied, dropped=False, idle=0.0):
-    return {"type": "update", "time": 100.0 + t, "rank": server, "worker": worker, "step": step,
-            "read_version": read, "applied_version": applied, "staleness": applied - read, "dropped": dropped,
-            "idle_s": idle}
+    return {
+        "type": "update",
+        "time": 100.0 + t,
+        "rank": server,
+        "worker": worker,
+        "step": step,
+        "read_version": read,
+        "applied_version": applied,
+        "staleness": applied - read,
+        "dropped": dropped,
+        "idle_s": idle,
+    }
 
 
 RUN = SimpleNamespace(
-    started=100.0, world_size=3,
-    events=[_update(0.1, 0, 1, 0, 0, 0), _update(0.2, 0, 2, 0, 0, 1, idle=0.05), _update(0.3, 0, 1, 1, 1, 2),
-            _update(0.5, 0, 2, 1, 2, 5, dropped=True, idle=0.2), {"type": "finished", "rank": 0, "time": 101.0}],
-    metrics=pd.DataFrame({"rank": [1, 1, 1, 2, 2], "step": [0, 1, 2, 0, 1], "time": [0.1, 0.3, 0.5, 0.2, 0.6],
-                          "loss": [2.0, 1.8, 1.6, 2.1, 1.9], "wait_s": [0.01, 0.02, 0.03, 0.0, 0.1]}),
+    started=100.0,
+    world_size=3,
+    events=[
+        _update(0.1, 0, 1, 0, 0, 0),
+        _update(0.2, 0, 2, 0, 0, 1, idle=0.05),
+        _update(0.3, 0, 1, 1, 1, 2),
+        _update(0.5, 0, 2, 1, 2, 5, dropped=True, idle=0.2),
+        {"type": "finished", "rank": 0, "time": 101.0},
+    ],
+    metrics=pd.DataFrame(
+        {
+            "rank": [1, 1, 1, 2, 2],
+            "step": [0, 1, 2, 0, 1],
+            "time": [0.1, 0.3, 0.5, 0.2, 0.6],
+            "loss": [2.0, 1.8, 1.6, 2.1, 1.9],
+            "wait_s": [0.01, 0.02, 0.03, 0.0, 0.1],
+        }
+    ),
 )
 
 
@@ -52,12 +75,10 @@ def test_panel_traces_and_loss_overlay():
 
 def test_the_dashboard_shows_the_staleness_panels_only_for_runs_with_updates(tmp_path):
     from ddlkit import figures
-    from ddlkit.run import Run
+    from ddlkit.kernel.run import Run
 
-    with_updates = Run("ps", tmp_path, 3, 100.0, {})
-    with_updates._add(RUN.events)
+    with_updates = Run.from_events(RUN.events, started=100.0, world_size=3)
     titles = [a.text for a in figures.figure(with_updates).layout.annotations]
     assert "gradient staleness of applied updates" in titles and "staleness over time, per worker" in titles
-    without = Run("data", tmp_path, 2, 100.0, {})
-    without._add([{"type": "step", "rank": 0, "step": 0, "time": 100.1, "loss": 1.0}])
+    without = Run.from_events([{"type": "step", "rank": 0, "step": 0, "time": 100.1, "loss": 1.0}], started=100.0)
     assert not any("staleness" in a.text for a in figures.figure(without).layout.annotations)

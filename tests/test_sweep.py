@@ -1,5 +1,6 @@
 """Speedup sweeps: explicit batch semantics, refusals before any run, and a
 real sweep's table and figure."""
+
 from __future__ import annotations
 
 import os
@@ -8,22 +9,25 @@ import pytest
 
 import ddlkit
 from ddlkit import RunConfig
-from ddlkit.sweeps import _config_at
+from ddlkit.view.sweeps import config_at
 
 
 def test_global_batch_is_split_and_per_rank_batch_is_kept():
     cfg = RunConfig(strategy="data", world_size=1, batch_size=64)
-    assert [_config_at(cfg, n, "global").batch_size for n in (1, 2, 4)] == [64, 32, 16]
-    assert [_config_at(cfg, n, "per_rank").batch_size for n in (1, 2, 4)] == [64, 64, 64]
-    assert _config_at(cfg.replace(world_size=2, batch_size=16), 4, "global").batch_size == 8  # global 32 kept
+    assert [config_at(cfg, n, "global").batch_size for n in (1, 2, 4)] == [64, 32, 16]
+    assert [config_at(cfg, n, "per_rank").batch_size for n in (1, 2, 4)] == [64, 64, 64]
+    assert config_at(cfg.replace(world_size=2, batch_size=16), 4, "global").batch_size == 8  # global 32 kept
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"world_sizes": [1, 3]}, "world size 3 cannot split the global batch of 32"),
-    ({"threads": 0}, "threads=0 is invalid: it must be a positive integer"),
-    ({"batch": "weak"}, "batch='weak' is invalid: valid values are ['global', 'per_rank']"),
-    ({"world_sizes": [1, 2], "cfg": RunConfig(strategy="single", world_size=1)}, "invalid for strategy='single'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"world_sizes": [1, 3]}, "world size 3 cannot split the global batch of 32"),
+        ({"threads": 0}, "threads=0 is invalid: it must be a positive integer"),
+        ({"batch": "weak"}, "batch='weak' is invalid: valid values are ['global', 'per_rank']"),
+        ({"world_sizes": [1, 2], "cfg": RunConfig(strategy="single", world_size=1)}, "invalid for strategy='single'"),
+    ],
+)
 def test_a_bad_sweep_is_refused_before_any_run_starts(no_leftovers, runs_dir, kwargs, message):
     cfg = kwargs.pop("cfg", RunConfig(strategy="data", world_size=1, batch_size=32)).replace(run_dir=runs_dir)
     with pytest.raises(ValueError) as error:

@@ -5,15 +5,18 @@ batch N*B. The averaging is PyTorch's DistributedDataParallel, set up by
 accelerate; with one process (strategy ``single``) accelerate leaves the model
 unwrapped and the same step is plain training.
 """
-from __future__ import annotations
 
-import time
+import time  # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from ..config import RunConfig
 from ..models import loss_fn
-from . import OptimizerFactory, StepStats
+from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..registry import StrategySpec, register
 
 
 class CommTimer:
@@ -22,20 +25,20 @@ class CommTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def hook(self, _state, bucket):
+    def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         start = time.perf_counter()
 
-        def done(fut):
+        def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
             self.seconds += time.perf_counter() - start
             return fut.value()
 
-        return allreduce_hook(None, bucket).then(done)
+        return allreduce_hook(state, bucket).then(done)
 
 
-class DataParallel:
-    checkpoint_sharded = False  # every rank holds the whole model: rank 0 saves one consolidated copy
-
-    def __init__(self, cfg, accelerator, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory):
+class DataParallel(Strategy):
+    def __init__(
+        self, cfg: RunConfig, accelerator: Any, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory
+    ):
         self.accelerator = accelerator
         self.task = task
         self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
@@ -53,19 +56,44 @@ class DataParallel:
         elapsed = time.perf_counter() - start
         return StepStats(loss.detach(), compute_s=max(elapsed - self.comm.seconds, 0.0), comm_s=self.comm.seconds)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank holds the whole model: rank 0's copy is the full state."""
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def checkpoint_state(self) -> dict:
+    def checkpoint_state(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model)
         return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def one_process(cfg: RunConfig) -> None:
+    if cfg.world_size != 1:
+        raise ValueError(
+            f"world_size={cfg.world_size} is invalid for strategy='single': it must be 1 "
+            "(use strategy='data' for several processes)"
+        )
+
+
+register(
+    StrategySpec(
+        "single",
+        DataParallel,
+        "one process, plain training: the reference every strategy is compared with",
+        layout=one_process,
+        checkpoint="consolidated",
+        position=0,
+    )
+)
+register(
+    StrategySpec(
+        "data",
+        DataParallel,
+        "data parallel (DDP): every rank the whole model, a shard of each batch, gradients all-reduced",
+        checkpoint="consolidated",
+        position=1,
+    )
+)

@@ -14,17 +14,21 @@ all-gathers of the parameters plus a reduce-scatter).
 Sharding each block separately (then the root for what is left) is what
 bounds memory: only one block is gathered at a time.
 """
+
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from ..config import RunConfig
 from ..models import CharTransformer, loss_fn
-from . import OptimizerFactory, StepStats
+from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..registry import StrategySpec, register
 from .sharding import full_state_dict
 
 
@@ -36,12 +40,13 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in model.children() if any(True for _ in layer.parameters())]
 
 
-class FullyShardedDataParallel:
-    def __init__(self, cfg, dp_mesh: DeviceMesh, model: nn.Module, task: str, make_optimizer: OptimizerFactory):
+class FullyShardedDataParallel(Strategy):
+    def __init__(self, dp_mesh: DeviceMesh, model: nn.Module, task: str, make_optimizer: OptimizerFactory):
         self.task = task
         for block in shard_units(model):
             fully_shard(block, mesh=dp_mesh)
-        self.model = fully_shard(model, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)  # in place: the model is now an FSDPModule too
+        self.model = model
         self.optimizer = make_optimizer(self.model.parameters())  # local shards only
         self.dp_rank, self.dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
 
@@ -55,9 +60,32 @@ class FullyShardedDataParallel:
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss.detach(), compute_s=time.perf_counter() - start, comm_s=0.0)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.model)
+
+
+def build(
+    cfg: RunConfig, accelerator: Any, model: nn.Module, task: str, make_optimizer: OptimizerFactory
+) -> FullyShardedDataParallel:
+    mesh = init_device_mesh(accelerator.device.type, (cfg.world_size,), mesh_dim_names=("dp",))
+    return FullyShardedDataParallel(mesh["dp"], model, task, make_optimizer)
+
+
+def layout(cfg: RunConfig) -> None:
+    if cfg.world_size < 2:
+        raise ValueError(
+            f"world_size={cfg.world_size} is invalid for strategy='fsdp': it shards over all ranks, "
+            "so world_size >= 2 (strategy='single' for one process)"
+        )
+
+
+register(
+    StrategySpec(
+        "fsdp",
+        build,
+        "fully sharded data parallel (FSDP2): data parallel with 1/N of the "
+        "parameters, gradients and optimizer state per rank",
+        layout=layout,
+        position=6,
+    )
+)

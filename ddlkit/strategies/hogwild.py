@@ -17,19 +17,21 @@ its update; the difference is how many updates other ranks made meanwhile.
 The increments are lock-free too (load, add, store), so two ranks can lose
 one, and the parameters read were never a consistent snapshot anyway.
 """
+
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..control import follow_lr
+from .. import events
+from ..config import RunConfig
 from ..models import loss_fn
-from . import OptimizerFactory, StepStats
+from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
+from ..registry import StrategySpec, register
 
 
 def shared_tensor(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -37,17 +39,21 @@ def shared_tensor(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=numel, dtype=dtype)
 
 
-class Hogwild:
-    def __init__(self, cfg, accelerator, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory):
+class Hogwild(Strategy):
+    def __init__(
+        self, cfg: RunConfig, accelerator: Any, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory
+    ):
         self.cfg, self.task, self.model = cfg, task, model
         self.rank, world_size = accelerator.process_index, accelerator.num_processes
         self.dp_rank, self.dp_size = self.rank, world_size
         self.make_optimizer = make_optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_done = 0
 
-    def attach(self, run_dir: Path) -> None:
+    def setup(self, ctx: RankContext) -> None:
         """Point the parameters into the shared file (all ranks, together)."""
         params = list(self.model.parameters())
-        base = f"/dev/shm/ddlkit-hogwild-{run_dir.name}"  # the run id: unique
+        base = f"/dev/shm/ddlkit-hogwild-{ctx.run_dir.name}"  # the run id: unique
         if self.rank == 0:  # create it first, with the initial weights
             flat = shared_tensor(base + ".params", sum(p.numel() for p in params), torch.float32)
             flat.copy_(torch.cat([p.detach().flatten() for p in params]))
@@ -61,16 +67,13 @@ class Hogwild:
             os.unlink(base + ".clock")
         offset = 0
         for p in params:
-            p.data = flat[offset:offset + p.numel()].view_as(p)
+            p.data = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self.optimizer = self.make_optimizer(params)  # per-rank (SGD keeps no state to share)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[StepStats, int, int]:
-        """One lock-free update; returns stats and the clock read and applied at."""
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        """One lock-free update, with the clock read before and at the update."""
+        assert self.optimizer is not None
         start = time.perf_counter()
         read = int(self.clock.item())
         self.optimizer.zero_grad(set_to_none=True)
@@ -79,41 +82,43 @@ class Hogwild:
         self.optimizer.step()  # writes the shared parameters in place
         applied = int(self.clock.item())
         self.clock += 1  # not atomic: a concurrent increment can be lost
-        return StepStats(loss.detach(), compute_s=time.perf_counter() - start, comm_s=0.0), read, applied
+        update = events.Update(
+            type="update",
+            worker=self.rank,
+            step=self.steps_done,
+            read_version=read,
+            applied_version=applied,
+            staleness=applied - read,
+            dropped=False,
+        )
+        self.steps_done += 1
+        return StepStats(
+            loss.detach(),
+            compute_s=time.perf_counter() - start,
+            comm_s=0.0,
+            row={"staleness": applied - read, "version": applied},
+            events=[update],
+        )
 
-    def run(self, dataset, shard, controls, straggler, reporter, run_dir: Path) -> dict[str, Any]:
-        from ..worker import inject_fault, save_atomic
-        from ..elastic import attempt_number, faults_for
-
-        cfg, lr = self.cfg, self.cfg.lr
-        faults = faults_for(cfg, self.rank, attempt_number())
-        self.attach(run_dir)
-        started, steps_done = time.perf_counter(), 0
-        for step in range(cfg.steps):
-            live = controls.at_step(step)  # each rank on its own: no collective between updates
-            if live.stop:
-                break
-            lr = follow_lr(live, lr, self.set_lr)
-            step_start = time.perf_counter()
-            index = shard.indices(step)
-            if step in faults:
-                inject_fault(faults[step], step)
-            stats, read, applied = self.step(dataset.inputs[index], dataset.targets[index])
-            reporter.send({"type": "update", "worker": self.rank, "step": step, "read_version": read,
-                           "applied_version": applied, "staleness": applied - read, "dropped": False})
-            straggler.delay(live, step_start)
-            steps_done = step + 1
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                reporter.step(step, loss=stats.loss, samples=len(index), lr=lr,
-                              step_time=time.perf_counter() - step_start, compute_s=stats.compute_s,
-                              comm_s=0.0, wait_s=0.0, staleness=applied - read, version=applied)
-            else:
-                reporter.last_step = step
-        train_s = time.perf_counter() - started
+    def finish(self, ctx: RankContext) -> dict[str, Any]:
         dist.barrier()  # every update is in: all ranks see the same final parameters
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        if self.rank == 0:
-            save_atomic(state, run_dir / "final_state.pt")
-        return {"steps": steps_done, "samples": steps_done * cfg.batch_size * self.dp_size, "train_s": train_s,
-                "stopped": steps_done < cfg.steps, "updates": int(self.clock.item()),
-                "param_checksum": float(sum(v.double().sum() for v in state.values()))}
+        state = self.full_state_dict()
+        return {
+            "updates": int(self.clock.item()),
+            "param_checksum": float(sum(v.double().sum() for v in state.values())),
+        }
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+register(
+    StrategySpec(
+        "hogwild",
+        Hogwild,
+        "lock-free updates of one model in shared memory (Recht et al. 2011)",
+        lockstep=False,
+        cpu_only=True,
+        position=3,
+    )
+)

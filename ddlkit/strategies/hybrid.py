@@ -1,4 +1,4 @@
-"""The device mesh of the model-parallel strategies, and 2-D hybrids.
+"""Hybrid parallelism: 2-D device meshes, data parallel over pipeline or tensor-parallel replicas.
 
 A DeviceMesh names the ranks along each kind of parallelism. One dimension:
 ``pipeline`` (pp), ``tensor`` (tp), ``fsdp`` (dp). Two, for ``hybrid``: a
@@ -15,30 +15,59 @@ the column's averaging around a pipeline stage (it fails, or with
 ``static_graph`` is silently wrong), so the strategies do it themselves with
 one all-reduce over the column's process group after the backward.
 """
+
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from . import OptimizerFactory
+from ..config import RunConfig
+from ..knobs import integer
+from ..rank.strategy import OptimizerFactory, Strategy
+from ..registry import StrategySpec, register
+from .pipeline import PIPELINE_KNOBS, PP, PipelineParallel, check_stages
+from .tensor import TP, TensorParallel, check_split
 
 
-def build_on_mesh(cfg, device: torch.device, model: nn.Module, task: str, make_optimizer: OptimizerFactory):
-    """Create the mesh ``cfg`` describes (validated by ``ddlkit.layout``) and
-    the strategy on it. Called by every rank, after the default process group
-    is up."""
-    from .fsdp import FullyShardedDataParallel
-    from .pipeline import PipelineParallel
-    from .tensor import TensorParallel
-
-    if cfg.strategy == "fsdp":
-        mesh = init_device_mesh(device.type, (cfg.world_size,), mesh_dim_names=("dp",))
-        return FullyShardedDataParallel(cfg, mesh["dp"], model, task, make_optimizer)
+def build(cfg: RunConfig, accelerator: Any, model: nn.Module, task: str, make_optimizer: OptimizerFactory) -> Strategy:
+    """The ``(dp, pp)`` or ``(dp, tp)`` mesh ``cfg`` describes, and the strategy on it."""
     split = "pp" if cfg.pp > 1 else "tp"
-    dp = cfg.dp if cfg.strategy == "hybrid" else 1
-    mesh = init_device_mesh(device.type, (dp, cfg.world_size // dp), mesh_dim_names=("dp", split))
-    dp_mesh = mesh["dp"] if dp > 1 else None
+    mesh = init_device_mesh(accelerator.device.type, (cfg.dp, cfg.world_size // cfg.dp), mesh_dim_names=("dp", split))
     if split == "pp":
-        return PipelineParallel(cfg, mesh["pp"], model, task, make_optimizer, device, dp_mesh=dp_mesh)
-    return TensorParallel(cfg, mesh["tp"], model, task, make_optimizer, dp_mesh=dp_mesh)
+        return PipelineParallel(cfg, mesh["pp"], model, task, make_optimizer, accelerator.device, dp_mesh=mesh["dp"])
+    return TensorParallel(cfg, mesh["tp"], model, task, make_optimizer, dp_mesh=mesh["dp"])
+
+
+def layout(cfg: RunConfig) -> None:
+    dp, pp, tp, n = cfg.dp, cfg.pp, cfg.tp, cfg.world_size
+    if dp * pp * tp != n:
+        raise ValueError(
+            f"dp={dp} x pp={pp} x tp={tp} = {dp * pp * tp} is invalid for world_size={n}: "
+            f"the degrees of the mesh must multiply to world_size"
+        )
+    if dp < 2 or (pp > 1) == (tp > 1):
+        raise ValueError(
+            f"dp={dp}, pp={pp}, tp={tp} is invalid for strategy='hybrid': it is a 2-D mesh, "
+            f"dp >= 2 times exactly one of pp or tp >= 2 (dp x pp or dp x tp)"
+        )
+    if pp > 1:
+        check_stages(cfg)
+    else:
+        check_split(cfg)
+
+
+DP = integer("dp", 1, 1, "dp", "data-parallel replicas of the 2-D mesh", up_to=64)
+
+register(
+    StrategySpec(
+        "hybrid",
+        build,
+        "a 2-D mesh: data parallel over pipeline or tensor parallel replicas",
+        knobs=(DP, PP, TP, *PIPELINE_KNOBS),
+        layout=layout,
+        dp_size=lambda cfg: cfg.dp,
+        position=7,
+    )
+)

@@ -23,6 +23,7 @@ gradients by ``m``, so a step equals one single-process step on the whole
 batch. In the hybrid dp x pp layout, the stages' gradients are then averaged
 over the data-parallel replicas of the same stage (``dp_mesh``).
 """
+
 from __future__ import annotations
 
 import time
@@ -31,78 +32,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from ..models import CharTransformer, loss_fn
-from . import OptimizerFactory, StepStats
+from .. import events
+from ..config import RunConfig
+from ..knobs import Knob, choice, integer, number, optional
+from ..models import loss_fn
+from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..registry import StrategySpec, register
 from .sharding import average_gradients
+from .stages import LAYERS, balanced_cuts, pipeline_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
 
-class Embed(nn.Module):
-    """The lm's first pipeline layer: token plus position embeddings (the
-    model's own modules, so parameter names and values are shared)."""
-
-    def __init__(self, model: CharTransformer):
-        super().__init__()
-        self.tok, self.pos = model.tok, model.pos
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tok(ids) + self.pos[: ids.shape[1]]
-
-
-class Head(nn.Module):
-    """The lm's last pipeline layer: final norm and the vocabulary projection."""
-
-    def __init__(self, model: CharTransformer):
-        super().__init__()
-        self.norm, self.head = model.norm, model.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x))
-
-
-def pipeline_layers(model: nn.Module) -> list[nn.Module]:
-    """The model as a flat list of layers, the units a cut falls between.
-
-    >>> pipeline_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))[1]
-    ReLU()
-    """
-    if isinstance(model, CharTransformer):
-        return [Embed(model), *model.blocks, Head(model)]
-    if isinstance(model, nn.Sequential):
-        return list(model)
-    raise ValueError(f"{type(model).__name__} cannot be pipelined: give an nn.Sequential or a CharTransformer")
-
-
-def balanced_cuts(sizes: list[int], stages: int) -> list[int]:
-    """Cut points (index of each stage's first layer, after the first stage)
-    that make the largest stage's parameter count as small as possible; each
-    stage gets at least one layer.
-
-    >>> balanced_cuts([10, 0, 10, 0, 10, 10], 2)
-    [3]
-    """
-    n = len(sizes)
-    prefix = [0]
-    for size in sizes:
-        prefix.append(prefix[-1] + size)
-    # best[s][i]: (largest stage, cuts) for layers i.. split into s stages
-    best: dict[tuple[int, int], tuple[int, list[int]]] = {(1, i): (prefix[n] - prefix[i], []) for i in range(n)}
-    for s in range(2, stages + 1):
-        for i in range(n - s + 1):
-            best[s, i] = min(
-                ((max(prefix[j] - prefix[i], best[s - 1, j][0]), [j] + best[s - 1, j][1])
-                 for j in range(i + 1, n - s + 2)),
-                key=lambda choice: (choice[0], choice[1]))
-    return best[stages, 0][1]
-
-
-class PipelineParallel:
-    def __init__(self, cfg, pp_mesh: DeviceMesh, model: nn.Module, task: str, make_optimizer: OptimizerFactory,
-                 device: torch.device, dp_mesh: DeviceMesh | None = None):
+class PipelineParallel(Strategy):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        pp_mesh: DeviceMesh,
+        model: nn.Module,
+        task: str,
+        make_optimizer: OptimizerFactory,
+        device: torch.device,
+        dp_mesh: DeviceMesh | None = None,
+    ):
         self.model, self.task = model, task
         self.delay = cfg.stage_delay
         self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None
@@ -113,29 +68,40 @@ class PipelineParallel:
         layers = pipeline_layers(model)
         per_rank = 2 if cfg.schedule == "interleaved" else 1
         num_stages = self.pp_size * per_rank
-        cuts = cfg.cut_points or balanced_cuts([sum(p.numel() for p in layer.parameters()) for layer in layers],
-                                               num_stages)
+        cuts = cfg.cut_points or balanced_cuts(
+            [sum(p.numel() for p in layer.parameters()) for layer in layers], num_stages
+        )
         bounds = [0, *cuts, len(layers)]
         self.stage_ids = [pp_rank + k * self.pp_size for k in range(per_rank)]
-        self.stages = [PipelineStage(nn.Sequential(*layers[bounds[i]:bounds[i + 1]]), i, num_stages, device,
-                                     group=self.pp_group) for i in self.stage_ids]
+        self.stages = [
+            PipelineStage(nn.Sequential(*layers[bounds[i] : bounds[i + 1]]), i, num_stages, device, group=self.pp_group)
+            for i in self.stage_ids
+        ]
         self.last_stage_rank = dist.get_global_rank(self.pp_group, (num_stages - 1) % self.pp_size)
         self.params = [p for stage in self.stages for p in stage.submod.parameters()]
         self.optimizer = make_optimizer(self.params)
 
-        self.spans: list[dict[str, Any]] = []
+        self.spans: list[events.Span] = []
         for stage in self.stages:
             self._record_spans(stage)
         schedule = SCHEDULES[cfg.schedule]
-        loss = lambda output, target: loss_fn(task, output, target)  # noqa: E731 (the mean over one micro-batch)
-        self.schedule = (schedule(self.stages, cfg.micro_batches, loss_fn=loss) if per_rank > 1
-                         else schedule(self.stages[0], cfg.micro_batches, loss_fn=loss))
+
+        def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # the mean over one micro-batch
+            return loss_fn(task, output, target)
+
+        self.schedule = (
+            schedule(self.stages, cfg.micro_batches, loss_fn=loss)
+            if per_rank > 1
+            else schedule(self.stages[0], cfg.micro_batches, loss_fn=loss)
+        )
 
     def _record_spans(self, stage: PipelineStage) -> None:
         """Time every micro-batch's forward and backward on this stage (the
         schedules call these two methods once per micro-batch)."""
-        for method, phase, delay in (("forward_one_chunk", "forward", self.delay),
-                                     ("backward_one_chunk", "backward", 2 * self.delay)):
+        for method, phase, delay in (
+            ("forward_one_chunk", "forward", self.delay),
+            ("backward_one_chunk", "backward", 2 * self.delay),
+        ):
             run = getattr(stage, method)
 
             def timed(chunk: int, *args: Any, _run=run, _phase=phase, _delay=delay, **kwargs: Any) -> Any:
@@ -143,8 +109,16 @@ class PipelineParallel:
                 if _delay:  # teaching mode: stand-in for a stage with real work (backward ~ 2x forward)
                     time.sleep(_delay)
                 out = _run(chunk, *args, **kwargs)
-                self.spans.append({"type": "span", "stage": stage.stage_index, "micro_batch": chunk,
-                                   "phase": _phase, "start": start, "end": time.time()})
+                self.spans.append(
+                    events.Span(
+                        type="span",
+                        stage=stage.stage_index,
+                        micro_batch=chunk,
+                        phase=_phase,
+                        start=start,
+                        end=time.time(),
+                    )
+                )
                 return out
 
             setattr(stage, method, timed)
@@ -173,11 +147,7 @@ class PipelineParallel:
         busy = sum(span["end"] - span["start"] for span in self.spans)
         # Time outside this stage's own forward/backward: sends, receives, the bubble.
         waiting = max(elapsed - busy - comm_s, 0.0)
-        return StepStats(loss, compute_s=busy, comm_s=comm_s + waiting, events=self.spans)
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        return StepStats(loss, compute_s=busy, comm_s=comm_s + waiting, events=list(self.spans))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Each stage owns some of the model's parameters; the first pipeline
@@ -186,5 +156,86 @@ class PipelineParallel:
         mine = {name: p.detach().cpu().clone() for name, p in self.model.named_parameters() if id(p) in owned}
         gathered: list[dict[str, torch.Tensor] | None] = [None] * self.pp_size
         dist.all_gather_object(gathered, mine, group=self.pp_group)
-        merged = {name: t for part in gathered for name, t in part.items()}
+        merged = {name: t for part in gathered for name, t in (part or {}).items()}
         return {name: merged[name] for name in self.model.state_dict()}
+
+
+def build(
+    cfg: RunConfig, accelerator: Any, model: nn.Module, task: str, make_optimizer: OptimizerFactory
+) -> PipelineParallel:
+    """One stage per rank (two, interleaved) over a 1-D ``pp`` mesh."""
+    mesh = init_device_mesh(accelerator.device.type, (cfg.world_size,), mesh_dim_names=("pp",))
+    return PipelineParallel(cfg, mesh["pp"], model, task, make_optimizer, accelerator.device)
+
+
+def check_stages(cfg: RunConfig) -> None:
+    """Rules of any pipeline (here and in the hybrid dp x pp): enough layers,
+    micro-batches and valid cuts for the stages."""
+    stages = cfg.pp * (2 if cfg.schedule == "interleaved" else 1)
+    layers = LAYERS[cfg.model]
+    if stages > layers:
+        raise ValueError(
+            f"pp={cfg.pp} with schedule={cfg.schedule!r} needs {stages} stages but model={cfg.model!r} has "
+            f"only {layers} layers: valid pp for it is 2..{layers // (stages // cfg.pp)}"
+        )
+    if cfg.micro_batches < cfg.pp or cfg.batch_size % cfg.micro_batches:
+        raise ValueError(
+            f"micro_batches={cfg.micro_batches} is invalid for pp={cfg.pp}: a pipeline needs at least as many "
+            f"micro-batches as stages (valid: {cfg.pp} or more dividing batch_size={cfg.batch_size})"
+        )
+    if cfg.schedule == "interleaved" and cfg.micro_batches % cfg.pp:
+        raise ValueError(
+            f"micro_batches={cfg.micro_batches} is invalid for schedule='interleaved' with pp={cfg.pp}: "
+            f"it must be a multiple of pp"
+        )
+    cuts = cfg.cut_points
+    if cuts is not None and not (
+        len(cuts) == stages - 1 and list(cuts) == sorted(set(cuts)) and all(0 < c < layers for c in cuts)
+    ):
+        raise ValueError(
+            f"cut_points={cuts!r} is invalid: give {stages - 1} increasing layer indices "
+            f"in 1..{layers - 1} (where stages 2..{stages} start), or None to balance by parameters"
+        )
+
+
+def layout(cfg: RunConfig) -> None:
+    if cfg.pp != cfg.world_size or cfg.pp < 2:
+        raise ValueError(
+            f"pp={cfg.pp} is invalid for strategy='pipeline' with world_size={cfg.world_size}: "
+            f"one stage per rank, so pp must equal world_size (>= 2) "
+            f"(strategy='hybrid' combines pp with dp)"
+        )
+    check_stages(cfg)
+
+
+def _cuts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+
+
+PP = integer("pp", 1, 1, "pp", "pipeline stages (pipeline: = world_size)", up_to=64)
+PIPELINE_KNOBS = (
+    integer("micro_batches", 4, 1, "micro-batches", "micro-batches per step and pipeline; must divide batch_size"),
+    choice("schedule", "1f1b", tuple(SCHEDULES), "schedule", "pipeline schedule; interleaved: two stages per rank"),
+    Knob(
+        "cut_points",
+        None,
+        optional(_cuts),
+        "None or a list of layer indices",
+        None,
+        "first layer of every stage but the first, e.g. [2]; None balances stages by parameters",
+    ),
+    number("stage_delay", 0.0, 0.0, None, "teaching: seconds a stage sleeps per forward (2x per backward)"),
+)
+
+register(
+    StrategySpec(
+        "pipeline",
+        build,
+        "pipeline parallel: the model cut into stages, micro-batches streamed "
+        "through them (torch.distributed.pipelining)",
+        knobs=(PP, *PIPELINE_KNOBS),
+        layout=layout,
+        dp_size=lambda cfg: 1,
+        position=4,
+    )
+)

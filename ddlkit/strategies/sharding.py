@@ -1,18 +1,17 @@
-"""What the model-parallel strategies share: reading sharded (DTensor) state
-back as full tensors, and averaging gradients across data-parallel replicas."""
+"""What several strategies share: reading sharded (DTensor) state back as full
+tensors, averaging gradients across data-parallel replicas, and parameters
+packed into and out of one flat tensor (one message)."""
+
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (a DTensor's local shard, else the tensor)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+from ..rank.memory import local
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,6 +37,20 @@ def average_gradients(params: Iterable[torch.nn.Parameter], group: dist.ProcessG
     flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     return time.perf_counter() - start
+
+
+def grad_or_zeros(param: torch.nn.Parameter) -> torch.Tensor:
+    """A parameter's gradient, or zeros if it got none (messages keep their size)."""
+    return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def load_flat(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    """Copy a flat tensor into parameters, in order."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()

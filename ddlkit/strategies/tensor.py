@@ -15,17 +15,22 @@ The sharded weights are DTensors over ``tp_mesh`` (``parallelize_module``);
 ``full_state_dict`` all-gathers them. In the hybrid dp x tp layout, each
 shard's gradient is also averaged over its data-parallel replicas (``dp_mesh``).
 """
+
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from ..models import CharTransformer, loss_fn
-from . import OptimizerFactory, StepStats
+from ..config import RunConfig
+from ..knobs import integer
+from ..models import LM_HEADS, CharTransformer, loss_fn
+from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..registry import StrategySpec, register
 from .sharding import average_gradients, full_state_dict
 
 
@@ -47,13 +52,20 @@ def megatron_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     # A flat stack: consecutive Linear layers pair up (column, row); the
     # layers in between (ReLU) are elementwise, so they work on the slices.
     linears = [name for name, layer in model.named_children() if isinstance(layer, nn.Linear)]
-    pairs = zip(linears[0::2], linears[1::2])
+    pairs = zip(linears[0::2], linears[1::2], strict=False)  # an odd last layer stays whole
     return {name: style for col, row in pairs for name, style in ((col, ColwiseParallel()), (row, RowwiseParallel()))}
 
 
-class TensorParallel:
-    def __init__(self, cfg, tp_mesh: DeviceMesh, model: nn.Module, task: str, make_optimizer: OptimizerFactory,
-                 dp_mesh: DeviceMesh | None = None):
+class TensorParallel(Strategy):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        tp_mesh: DeviceMesh,
+        model: nn.Module,
+        task: str,
+        make_optimizer: OptimizerFactory,
+        dp_mesh: DeviceMesh | None = None,
+    ):
         self.task = task
         self.model = parallelize_module(model, tp_mesh, megatron_plan(model))
         self.optimizer = make_optimizer(self.model.parameters())
@@ -72,9 +84,51 @@ class TensorParallel:
         elapsed = time.perf_counter() - start
         return StepStats(loss.detach(), compute_s=max(elapsed - comm_s, 0.0), comm_s=comm_s)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.model)
+
+
+def build(
+    cfg: RunConfig, accelerator: Any, model: nn.Module, task: str, make_optimizer: OptimizerFactory
+) -> TensorParallel:
+    """Every rank a slice of every big matrix, over a 1-D ``tp`` mesh."""
+    mesh = init_device_mesh(accelerator.device.type, (cfg.world_size,), mesh_dim_names=("tp",))
+    return TensorParallel(cfg, mesh["tp"], model, task, make_optimizer)
+
+
+def check_split(cfg: RunConfig) -> None:
+    """Rules of any tensor-parallel split (here and in the hybrid dp x tp)."""
+    if cfg.hidden % cfg.tp:
+        raise ValueError(
+            f"hidden={cfg.hidden} is invalid for tp={cfg.tp}: tensor parallelism splits the hidden "
+            f"features evenly, so hidden must be a multiple of tp"
+        )
+    if cfg.model == "lm" and LM_HEADS % cfg.tp:
+        raise ValueError(
+            f"tp={cfg.tp} is invalid for model='lm': its {LM_HEADS} attention heads must split evenly "
+            f"over the tp ranks (valid tp: 1, 2, 4)"
+        )
+
+
+def layout(cfg: RunConfig) -> None:
+    if cfg.tp != cfg.world_size or cfg.tp < 2:
+        raise ValueError(
+            f"tp={cfg.tp} is invalid for strategy='tensor' with world_size={cfg.world_size}: "
+            f"tp must equal world_size (>= 2) (strategy='hybrid' combines tp with dp)"
+        )
+    check_split(cfg)
+
+
+TP = integer("tp", 1, 1, "tp", "tensor-parallel degree (tensor: = world_size)", up_to=64)
+
+register(
+    StrategySpec(
+        "tensor",
+        build,
+        "tensor parallel (Megatron): every rank a slice of every big matrix, DTensor over a DeviceMesh",
+        knobs=(TP,),
+        layout=layout,
+        dp_size=lambda cfg: 1,
+        position=5,
+    )
+)

@@ -10,13 +10,15 @@ Three knobs of ``RunConfig``, applied after a rank's work in each step:
 - ``delay_jitter_s``: a random pause per step on every rank, exponential with
   this mean, seeded by the run's seed and the rank (reproducible noise).
 """
+
 from __future__ import annotations
 
 import random
 import time
 
-from .config import RunConfig
-from .control import Controls
+from ..config import RunConfig
+from ..controls import Controls
+from .reporter import Reporter
 
 
 class Straggler:
@@ -27,13 +29,13 @@ class Straggler:
     0.03
     """
 
-    def __init__(self, cfg: RunConfig, rank: int, reporter) -> None:
+    def __init__(self, cfg: RunConfig, rank: int, reporter: Reporter | None) -> None:
         self.rank = rank
         self.fixed_s = float((cfg.delay_s or {}).get(rank, 0.0))
         self.jitter_s = float(cfg.delay_jitter_s)
         self.random = random.Random(f"{cfg.seed}/{rank}")
-        if cfg.slowdown and reporter is not None and "slowdown" not in reporter.controls:
-            reporter.controls = {**reporter.controls, "slowdown": dict(cfg.slowdown)}
+        if cfg.slowdown and reporter is not None:
+            reporter.preset_controls(slowdown=dict(cfg.slowdown))
 
     def delay(self, live: Controls, work_started: float) -> float:
         """Pause as this rank's stragglers say; returns the seconds paused."""

@@ -6,32 +6,31 @@ servers and hogwild ranks, ``step`` rows of workers: see docs/events.md).
 and staleness over time per worker (axes x2, y2); ``figure(run)`` lays it
 out on its own.
 
->>> import ddlkit
->>> cfg = ddlkit.RunConfig(strategy="ps", world_size=3, sync="async", steps=5, device="cpu")
->>> run = ddlkit.launch(cfg, echo=False).wait(120)
->>> table = staleness_table(run)
->>> len(table), bool((table["staleness"] == table["applied_version"] - table["read_version"]).all())
-(10, True)
+>>> update = {"type": "update", "rank": 0, "time": 1.5, "worker": 1, "step": 4, "read_version": 3,
+...           "applied_version": 5, "staleness": 2, "dropped": False}
+>>> staleness_table(Run.from_events([update], started=1.0))[["time", "staleness"]].values.tolist()
+[[0.5, 2.0]]
 """
-from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-if TYPE_CHECKING:
-    from .run import Run
+from ..kernel.run import Run
 
 COLUMNS = ["time", "server", "worker", "step", "read_version", "applied_version", "staleness", "dropped"]
 
 
-def staleness_table(run: "Run") -> pd.DataFrame:
+def staleness_table(run: Run) -> pd.DataFrame:
     """One row per update event; ``time`` in seconds since launch, ``server``
     the rank that applied it."""
-    rows = [{**{k: e.get(k) for k in COLUMNS}, "time": e["time"] - run.started, "server": e["rank"]}
-            for e in run.events if e["type"] == "update"]
+    rows = [
+        {**{k: e.get(k) for k in COLUMNS}, "time": e["time"] - run.started, "server": e["rank"]}
+        for e in run.events
+        if e["type"] == "update"
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -46,50 +45,64 @@ def histogram(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["staleness", "applied", "dropped"])
     counts = pd.crosstab(table["staleness"], table["dropped"].astype(bool))
     counts = counts.reindex(range(int(table["staleness"].max()) + 1), fill_value=0)
-    return pd.DataFrame({"staleness": counts.index.astype(int), "applied": counts.get(False, 0),
-                         "dropped": counts.get(True, 0)}).reset_index(drop=True)
+    return pd.DataFrame(
+        {"staleness": counts.index.astype(int), "applied": counts.get(False, 0), "dropped": counts.get(True, 0)}
+    ).reset_index(drop=True)
 
 
 def per_worker(table: pd.DataFrame) -> dict[int, pd.DataFrame]:
     """Each worker's updates in the order they were applied (time, step, staleness)."""
-    return {int(w): rows.sort_values("time")[["time", "step", "staleness", "dropped"]].reset_index(drop=True)
-            for w, rows in table.groupby("worker")}
+    return {
+        int(w): rows.sort_values("time")[["time", "step", "staleness", "dropped"]].reset_index(drop=True)
+        for w, rows in table.groupby("worker")
+    }
 
 
-def rank_activity(run: "Run") -> pd.DataFrame:
+def rank_activity(run: Run) -> pd.DataFrame:
     """Per rank: steps, step rate, and the time it spent idle: a worker waiting
     for its servers (``wait_s``), a server waiting for gradients (``idle_s``)."""
     metrics, rows = run.metrics, []
-    for rank, steps in (metrics.groupby("rank") if not metrics.empty else []):
+    for rank, steps in metrics.groupby("rank") if not metrics.empty else []:
         span = steps["time"].max() - steps["time"].min()
-        rows.append({"rank": int(rank), "role": "worker", "steps": len(steps),
-                     "steps_per_s": (len(steps) - 1) / span if span > 0 else float("nan"),
-                     "idle_s": steps["wait_s"].sum()})
+        rows.append(
+            {
+                "rank": int(rank),
+                "role": "worker",
+                "steps": len(steps),
+                "steps_per_s": (len(steps) - 1) / span if span > 0 else float("nan"),
+                "idle_s": steps["wait_s"].sum(),
+            }
+        )
     for rank in sorted({e["rank"] for e in run.events if e["type"] == "update" and "idle_s" in e}):
         idle = sum(e["idle_s"] for e in run.events if e["type"] == "update" and e["rank"] == rank)
-        rows.append({"rank": rank, "role": "server", "steps": float("nan"), "steps_per_s": float("nan"),
-                     "idle_s": idle})
+        rows.append(
+            {"rank": rank, "role": "server", "steps": float("nan"), "steps_per_s": float("nan"), "idle_s": idle}
+        )
     return pd.DataFrame(rows, columns=["rank", "role", "steps", "steps_per_s", "idle_s"])
 
 
-def histogram_traces(run: "Run") -> list[go.BaseTraceType]:
+def histogram_traces(run: Run) -> list[go.BaseTraceType]:
     """Dashboard panel: how many applied (and dropped) updates had each staleness."""
     counts = histogram(staleness_table(run))
-    out: list[go.BaseTraceType] = [go.Bar(x=counts["staleness"], y=counts["applied"], name="applied updates",
-                                          opacity=0.8)]
+    out: list[go.BaseTraceType] = [
+        go.Bar(x=counts["staleness"], y=counts["applied"], name="applied updates", opacity=0.8)
+    ]
     if not counts.empty and counts["dropped"].sum():
         out.append(go.Bar(x=counts["staleness"], y=counts["dropped"], name="dropped", opacity=0.8))
     return out
 
 
-def over_time_traces(run: "Run") -> list[go.BaseTraceType]:
+def over_time_traces(run: Run) -> list[go.BaseTraceType]:
     """Dashboard panel: the staleness of each worker's applied updates over time."""
-    return [go.Scatter(x=rows["time"], y=rows["staleness"], mode="lines+markers", name=f"worker {worker}",
-                       line={"shape": "hv"})
-            for worker, rows in per_worker(staleness_table(run)).items()]
+    return [
+        go.Scatter(
+            x=rows["time"], y=rows["staleness"], mode="lines+markers", name=f"worker {worker}", line={"shape": "hv"}
+        )
+        for worker, rows in per_worker(staleness_table(run)).items()
+    ]
 
 
-def figure(run: "Run") -> go.Figure:
+def figure(run: Run) -> go.Figure:
     """Both staleness panels side by side: histogram left, over time right."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("staleness of applied updates", "staleness over time"))
     for col, traces in ((1, histogram_traces(run)), (2, over_time_traces(run))):
@@ -101,7 +114,7 @@ def figure(run: "Run") -> go.Figure:
     return fig
 
 
-def loss_vs_time(runs: dict[str, "Run"]) -> list[go.Scatter]:
+def loss_vs_time(runs: dict[str, Run]) -> list[go.Scatter]:
     """Mean worker loss against wall time, one trace per labelled run (e.g.
     bsp, async, ssp), to overlay: who gets how low how soon."""
     out = []
@@ -113,7 +126,7 @@ def loss_vs_time(runs: dict[str, "Run"]) -> list[go.Scatter]:
     return out
 
 
-def throughput_while_all_work(run: "Run") -> float:
+def throughput_while_all_work(run: Run) -> float:
     """Samples per second summed over workers, from the start until the first
     worker has done all its steps (after that a straggler finishes alone, and
     any mode is as slow as it). Needs a row per step (``log_every=1``)."""

@@ -1,6 +1,6 @@
 """Memory per rank, measured during one training step, for any strategy.
 
-The worker wraps one step (``MEMORY_STEP``, after warm-up, so optimizer state
+The rank loop wraps one step (``MEMORY_STEP``, after warm-up, so optimizer state
 exists) in a :class:`MemoryMeter` and sends what it measured as a ``memory``
 event. All numbers are this rank's own bytes (a DTensor counts its local shard):
 
@@ -18,13 +18,15 @@ event. All numbers are this rank's own bytes (a DTensor counts its local shard):
   micro-batching change. Parameters saved for backward (also as views, such as
   ``weight.t()``) are not activations and are not counted.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from .strategies.sharding import local
+from .. import events
 
 MEMORY_STEP = 1  # measured on the second step (the first after warm-up), or the last if fewer
 
@@ -37,7 +39,7 @@ class MemoryMeter:
     >>> with MemoryMeter(optimizer) as meter:
     ...     model(torch.ones(16, 4)).sum().backward()
     ...     optimizer.step()
-    >>> meter.measured()["param_bytes"], meter.measured()["optimizer_bytes"] > 0
+    >>> meter.event(step=1)["param_bytes"], meter.event(step=1)["optimizer_bytes"] > 0
     (196, True)
     """
 
@@ -48,7 +50,7 @@ class MemoryMeter:
         self._live_bytes = 0
         self._saved: dict[int, list[int]] = {}  # storage address -> [bytes, times saved and not yet freed]
 
-    def __enter__(self) -> "MemoryMeter":
+    def __enter__(self) -> MemoryMeter:
         self._param_storages = {local(p).untyped_storage().data_ptr() for p in self._params()}
         self._grad_hook = self.optimizer.register_step_pre_hook(self._count_grads)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
@@ -59,11 +61,18 @@ class MemoryMeter:
         self._saved_hooks.__exit__(*exc)
         self._grad_hook.remove()
 
-    def measured(self) -> dict[str, int]:
-        return {"param_bytes": _bytes(self._params()), "grad_bytes": self.grad_bytes,
-                "optimizer_bytes": _bytes(t for state in self.optimizer.state.values() for t in state.values()
-                                          if isinstance(t, torch.Tensor)),
-                "peak_activation_bytes": self.peak_activation_bytes}
+    def event(self, step: int) -> events.Memory:
+        """What was measured, as the ``memory`` event of ``step``."""
+        return events.Memory(
+            type="memory",
+            step=step,
+            param_bytes=_bytes(self._params()),
+            grad_bytes=self.grad_bytes,
+            optimizer_bytes=_bytes(
+                t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+            ),
+            peak_activation_bytes=self.peak_activation_bytes,
+        )
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -106,6 +115,11 @@ class _Saved:
 
 def _unpack(saved: Any) -> torch.Tensor:
     return saved.tensor if isinstance(saved, _Saved) else saved
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard, else the tensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _bytes(tensors: Any) -> int:

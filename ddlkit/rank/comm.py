@@ -10,12 +10,15 @@ bytes were counted by the sender; a broadcast counts its tensor on every
 rank). That is the payload; how many bytes cross the wire depends on the
 algorithm (a ring all-reduce moves about 2x the payload per rank).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import events
 
 # c10d ops whose first argument is the output and second the input
 _OUTPUT_FIRST = ("allgather", "reduce_scatter", "_allgather_base", "_reduce_scatter_base", "alltoall")
@@ -26,8 +29,8 @@ class CommCounter(TorchDispatchMode):
 
     >>> with CommCounter() as comm:
     ...     _ = torch.ones(2) + 1  # no communication
-    >>> comm.measured()
-    {'comm_bytes': 0, 'comm_calls': 0}
+    >>> comm.event(step=1)
+    {'type': 'comm', 'step': 1, 'comm_bytes': 0, 'comm_calls': 0}
     """
 
     def __init__(self) -> None:
@@ -43,8 +46,9 @@ class CommCounter(TorchDispatchMode):
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
-    def measured(self) -> dict[str, int]:
-        return {"comm_bytes": self.bytes, "comm_calls": self.calls}
+    def event(self, step: int) -> events.Comm:
+        """What was counted, as the ``comm`` event of ``step``."""
+        return events.Comm(type="comm", step=step, comm_bytes=self.bytes, comm_calls=self.calls)
 
 
 def _nbytes(value: Any) -> int:

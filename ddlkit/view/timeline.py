@@ -21,17 +21,20 @@ timeline is mostly scheduling noise; ``stage_delay`` (teaching mode) makes
 each forward sleep that long and each backward twice that, standing in for
 real work, so what is measured is the schedule's shape.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import pandas as pd
 
+from ..kernel.run import Run
+
 SPAN_COLUMNS = ["rank", "step", "stage", "micro_batch", "phase", "start", "end"]
 PHASE_COLOURS = {"forward": "#4C78A8", "backward": "#F58518"}
 
 
-def spans(run) -> pd.DataFrame:
+def spans(run: Run) -> pd.DataFrame:
     """One row per (rank, step, stage, micro-batch, phase); ``start``/``end``
     in seconds since the run started.
 
@@ -53,7 +56,7 @@ def theory_bubble(pp: int, micro_batches: int, stages_per_rank: int = 1) -> floa
     return (pp - 1) / (stages_per_rank * micro_batches + pp - 1)
 
 
-def bubbles(run, warmup: int = 1) -> pd.DataFrame:
+def bubbles(run: Run, warmup: int = 1) -> pd.DataFrame:
     """Measured bubble per rank (median over steps after ``warmup``), with the theory beside it."""
     table = spans(run)
     table = table[table["step"] >= warmup]
@@ -70,12 +73,12 @@ def bubbles(run, warmup: int = 1) -> pd.DataFrame:
     return pd.DataFrame({"rank": measured.index, "measured": measured.values, "theory": theory})
 
 
-def bubble_fraction(run, warmup: int = 1) -> float:
+def bubble_fraction(run: Run, warmup: int = 1) -> float:
     """The measured bubble averaged over ranks (see the module docstring)."""
     return float(bubbles(run, warmup)["measured"].mean())
 
 
-def in_flight(run) -> pd.DataFrame:
+def in_flight(run: Run) -> pd.DataFrame:
     """Per stage, the most micro-batches whose forward had ended and whose
     backward had not: how many micro-batches of activations the schedule kept
     alive at once (GPipe: all m; 1F1B: at most the number of stages)."""
@@ -90,7 +93,7 @@ def in_flight(run) -> pd.DataFrame:
     return pd.DataFrame({"stage": list(most), "max_in_flight": list(most.values())})
 
 
-def traces(run, last_steps: int = 2) -> list[Any]:
+def traces(run: Run, last_steps: int = 2) -> list[Any]:
     """A Gantt chart of the last ``last_steps`` steps as plotly traces: one row
     per stage (and rank, when dp replicas hold the same stage), forward and
     backward bars coloured, bubbles as the gaps.
@@ -107,27 +110,42 @@ def traces(run, last_steps: int = 2) -> list[Any]:
     out = []
     for phase, colour in PHASE_COLOURS.items():
         part = table[table["phase"] == phase]
-        out.append(go.Bar(
-            name=phase, orientation="h", marker_color=colour, offsetgroup="spans",  # same row, not side by side
-            base=part["start"], x=part["end"] - part["start"],
-            y=[f"stage {s} · rank {r}" for s, r in zip(part["stage"], part["rank"])],
-            text=[f"{m}" for m in part["micro_batch"]], textposition="inside",
-            hovertext=[f"step {s}, micro-batch {m}, rank {r}" for s, m, r in zip(part["step"], part["micro_batch"],
-                                                                                  part["rank"])],
-        ))
+        out.append(
+            go.Bar(
+                name=phase,
+                orientation="h",
+                marker_color=colour,
+                offsetgroup="spans",  # same row, not side by side
+                base=part["start"],
+                x=part["end"] - part["start"],
+                y=[f"stage {s} · rank {r}" for s, r in zip(part["stage"], part["rank"], strict=True)],
+                text=[f"{m}" for m in part["micro_batch"]],
+                textposition="inside",
+                hovertext=[
+                    f"step {s}, micro-batch {m}, rank {r}"
+                    for s, m, r in zip(part["step"], part["micro_batch"], part["rank"], strict=True)
+                ],
+            )
+        )
     return out
 
 
-def figure(run, last_steps: int = 2):
+def figure(run: Run, last_steps: int = 2):
     """The Gantt chart as a ready figure (for notebooks; dashboards take :func:`traces`)."""
     import plotly.graph_objects as go
 
-    return go.Figure(traces(run, last_steps), layout=dict(
-        barmode="overlay", height=120 + 40 * run.world_size, xaxis_title="seconds since launch",
-        title=f"pipeline timeline, last {last_steps} steps (gaps: bubble)"))
+    return go.Figure(
+        traces(run, last_steps),
+        layout=dict(
+            barmode="overlay",
+            height=120 + 40 * run.world_size,
+            xaxis_title="seconds since launch",
+            title=f"pipeline timeline, last {last_steps} steps (gaps: bubble)",
+        ),
+    )
 
 
-def memory_table(run) -> pd.DataFrame:
+def memory_table(run: Run) -> pd.DataFrame:
     """One row per rank from its ``memory`` event: bytes of parameters,
     gradients, optimizer state and peak saved activations."""
     columns = ["rank", "param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes"]

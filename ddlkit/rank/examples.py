@@ -1,28 +1,31 @@
 """An ordinary accelerate training function, as a user would write one.
 
 It runs under ``ddlkit.launch(train_digits, ...)``, under
-``ddlkit.launch("ddlkit.examples:train_digits", ...)`` (spawned, for a kernel
+``ddlkit.launch("ddlkit.rank.examples:train_digits", ...)`` (spawned, for a kernel
 that already initialised CUDA), and with no launcher at all. With
 ``log_every=0`` it reports nothing while training: the bare accelerate loop
 that ``benchmarks/overhead.py`` measures ddlkit against.
 """
+
 from __future__ import annotations
 
 import time
 
 import torch
 
-from .data import ShardedStream, load_dataset
-from .models import build_model, loss_fn
+from ..data import ShardedStream, load_dataset
+from ..models import build_model, loss_fn
 from .reporter import log
 
 
-def train_digits(steps: int = 100, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
-                 log_every: int = 1, hidden: int = 128) -> dict[str, float]:
+def train_digits(
+    steps: int = 100, batch_size: int = 32, lr: float = 0.05, seed: int = 0, log_every: int = 1, hidden: int = 128
+) -> dict[str, float]:
     """Data-parallel SGD of the built-in MLP on digits; returns timing.
 
-    >>> train_digits(steps=3, log_every=0)["steps"]  # one process, no launcher
-    3
+    Example: one process, no launcher (``ddlkit.launch(train_digits, num_processes=2)`` for two)::
+
+        train_digits(steps=3, log_every=0)["steps"]   # 3
     """
     from accelerate import Accelerator
 

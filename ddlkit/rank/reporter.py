@@ -15,6 +15,7 @@ a 2.5 ms step measured here: 1.07x a bare loop at 20 ms batches,
 1.04x at 100 ms). The price: a rank killed by SIGKILL loses the
 events of its last ``FLUSH_S`` that were not sent yet.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,15 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from . import channel
+from .. import channel, events
+from ..controls import Controls, from_json
 
 HEARTBEAT_S = 1.0
 FLUSH_S = 0.1
 
-_active: "Reporter | None" = None
+_active: Reporter | None = None
 
 
 def log(step: int | None = None, **values: Any) -> None:
@@ -48,6 +50,8 @@ def log(step: int | None = None, **values: Any) -> None:
 
 
 class Reporter:
+    """Sends this rank's events; holds the controls the kernel sent."""
+
     def __init__(self, rank: int, conn: Connection | None = None, file: Path | None = None):
         self.rank = rank
         self._conn = conn
@@ -58,16 +62,16 @@ class Reporter:
         self._flushed_at = 0.0
         self._parent = os.getppid()
         self._closing = False
-        # The latest controls from the kernel (ddlkit.control applies them).
-        self.controls: dict[str, Any] = {}
-        self.control_version = 0
-        self.control_changed = threading.Event()
+        # The latest controls from the kernel (ddlkit.rank.sync applies them).
+        self._controls: dict[str, Any] = {}
+        self._control_version = 0
+        self._control_changed = threading.Event()
         threading.Thread(target=self._flush_and_beat, name="ddlkit-reporter", daemon=True).start()
         if conn is not None:
-            threading.Thread(target=self._receive, name="ddlkit-controls", daemon=True).start()
+            threading.Thread(target=self._receive, args=(conn,), name="ddlkit-controls", daemon=True).start()
 
     @classmethod
-    def from_env(cls, rank: int, run_dir: Path) -> "Reporter":
+    def from_env(cls, rank: int, run_dir: Path) -> Reporter:
         """Connect as the environment set by ddlkit's launcher says, or fall back
         to a file in the run's folder."""
         if "DDLKIT_CHANNEL" in os.environ:
@@ -81,20 +85,30 @@ class Reporter:
         global _active
         _active = self
 
-    def send(self, event: dict[str, Any], now: bool = False) -> None:
+    def preset_controls(self, **controls: Any) -> None:
+        """Controls in force from the start (the config's slowdown), unless the kernel sent others."""
+        self._controls = {**controls, **self._controls}
+
+    def take_controls(self, wait: float = 0.0) -> Controls:
+        """The controls received so far, waiting up to ``wait`` s for a change."""
+        if wait:
+            self._control_changed.wait(wait)
+        self._control_changed.clear()
+        return Controls(**self._controls, version=self._control_version)
+
+    def send(self, event: events.Event | dict[str, Any], now: bool = False) -> None:
         """Queue an event; ``now`` sends it, and everything queued before it, at once."""
-        event.setdefault("rank", self.rank)
-        event.setdefault("time", time.time())
-        self._pending.append(event)
+        self._pending.append({"rank": self.rank, "time": time.time(), **event})
         if now or time.monotonic() - self._flushed_at >= FLUSH_S:  # a quiet rank sends at once
             self.flush()
 
     def step(self, step: int | None = None, **values: Any) -> None:
         self.last_step = self.last_step + 1 if step is None else int(step)
-        self.send({"type": "step", "step": self.last_step, **values})
+        # any keys a launched function logs, beside those the schema names
+        self.send(cast(events.Step, {"type": "step", "step": self.last_step, **values}))
 
     def error(self, traceback_text: str) -> None:
-        self.send({"type": "error", "traceback": traceback_text}, now=True)
+        self.send(events.Error(type="error", traceback=traceback_text), now=True)
 
     def flush(self) -> None:
         with self._lock:
@@ -105,7 +119,7 @@ class Reporter:
             if self._conn is not None:
                 channel.send(self._conn, batch)
             elif self._file is not None:
-                self._file.writelines(json.dumps(e, default=channel._jsonable) + "\n" for e in batch)
+                self._file.writelines(json.dumps(e, default=channel.jsonable) + "\n" for e in batch)
                 self._file.flush()
 
     def close(self) -> None:
@@ -132,23 +146,21 @@ class Reporter:
                     next_beat += HEARTBEAT_S
                     if os.getppid() != self._parent:
                         os._exit(1)
-                    self.send({"type": "beat", "step": self.last_step})
+                    self.send(events.Beat(type="beat", step=self.last_step))
                 self.flush()
             except (OSError, ValueError):  # kernel gone, or closed at exit
                 os._exit(1)
 
-    def _receive(self) -> None:
+    def _receive(self, conn: Connection) -> None:
         while True:
             try:
-                message = channel.recv(self._conn)
-            except (EOFError, OSError, AttributeError):  # the kernel went away, or we closed
+                message = channel.recv(conn)
+            except (EOFError, OSError):  # the kernel went away, or we closed
                 if not self._closing:
                     os._exit(1)
                 return
             if message.get("type") == "control":
-                changes = {k: v for k, v in message.items() if k != "type"}
-                if "slowdown" in changes:  # JSON made the ranks strings
-                    changes["slowdown"] = {int(r): f for r, f in changes["slowdown"].items()}
-                self.controls = {**self.controls, **changes}
-                self.control_version += 1
-                self.control_changed.set()
+                changes = from_json({k: v for k, v in message.items() if k != "type"})
+                self._controls = {**self._controls, **changes}
+                self._control_version += 1
+                self._control_changed.set()

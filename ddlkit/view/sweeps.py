@@ -20,21 +20,22 @@ often poor, parallelism). On a machine with fewer cores than ranks the ranks
 share cores: the table says so (``cores_per_rank``, ``oversubscribed``) rather
 than hiding it.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..config import RunConfig
+from ..kernel.launch import launch
+from ..kernel.run import Run
 from . import figures
-from .config import RunConfig
-from .launch import launch
-from .run import Run
 
 BATCH_MODES = ("global", "per_rank")
 SMOOTH_STEPS = 10  # the loss is averaged over this many steps before comparing it with the target
@@ -53,20 +54,26 @@ class SweepResult:
         return self.table.to_html(index=False, float_format=lambda v: f"{v:.3g}")
 
 
-def sweep(cfg: RunConfig, world_sizes: Sequence[int] = (1, 2, 4), batch: str = "global",
-          threads: int | None = 1, target_loss: float | None = None, timeout: float = 600) -> SweepResult:
+def sweep(
+    cfg: RunConfig,
+    world_sizes: Sequence[int] = (1, 2, 4),
+    batch: str = "global",
+    threads: int | None = 1,
+    target_loss: float | None = None,
+    timeout: float = 600,
+) -> SweepResult:
     """Run ``cfg`` at each world size, one run after the other.
 
     ``target_loss``: for the time-to-target column; by default the highest
     smoothed final loss of the runs, which every run reaches.
 
-    >>> import ddlkit
-    >>> result = ddlkit.sweep(ddlkit.RunConfig(strategy="data", world_size=1, batch_size=32, steps=20,
-    ...                                        device="cpu"), world_sizes=[1, 2])
-    >>> list(result.table["world_size"]), result.table["speedup"].iloc[0]
-    ([1, 2], 1.0)
+    Example (it runs the experiment twice, so it is no doctest)::
+
+        result = ddlkit.sweep(ddlkit.RunConfig(strategy="data", world_size=1, batch_size=32, steps=20),
+                              world_sizes=[1, 2])
+        list(result.table["world_size"]), result.table["speedup"].iloc[0]   # ([1, 2], 1.0)
     """
-    configs = [_config_at(cfg, size, batch).replace(threads=threads) for size in world_sizes]
+    configs = [config_at(cfg, size, batch).replace(threads=threads) for size in world_sizes]
     for config in configs:  # every size is refused before the first starts
         config.validate()
     runs = [launch(config, echo=False).wait(timeout) for config in configs]
@@ -75,14 +82,25 @@ def sweep(cfg: RunConfig, world_sizes: Sequence[int] = (1, 2, 4), batch: str = "
     cores = len(os.sched_getaffinity(0))
     base_rate, base_size = data[0].samples_per_s(), world_sizes[0]
     rows = []
-    for config, d in zip(configs, data):
+    for config, d in zip(configs, data, strict=True):
         size = config.world_size
         speedup = d.samples_per_s() / base_rate
-        rows.append({"world_size": size, "batch_per_rank": config.batch_size, "threads_per_rank": config.threads,
-                     "global_batch": config.batch_size * size, "samples_per_s": d.samples_per_s(),
-                     "time_to_target_s": _time_to(d, target), "speedup": speedup,
-                     "efficiency": speedup / (size / base_size), "cores_per_rank": cores / size,
-                     "oversubscribed": size > cores, "final_loss": _smoothed_loss(d)[1][-1], "run_id": d.run.id})
+        rows.append(
+            {
+                "world_size": size,
+                "batch_per_rank": config.batch_size,
+                "threads_per_rank": config.threads,
+                "global_batch": config.batch_size * size,
+                "samples_per_s": d.samples_per_s(),
+                "time_to_target_s": _time_to(d, target),
+                "speedup": speedup,
+                "efficiency": speedup / (size / base_size),
+                "cores_per_rank": cores / size,
+                "oversubscribed": size > cores,
+                "final_loss": _smoothed_loss(d)[1][-1],
+                "run_id": d.run.id,
+            }
+        )
     table = pd.DataFrame(rows)
     table.attrs.update(target_loss=target, batch=batch, cores=cores)
     figure = figures.figure(runs, baseline=runs[0], keys=["loss_time", "speedup"])
@@ -90,15 +108,17 @@ def sweep(cfg: RunConfig, world_sizes: Sequence[int] = (1, 2, 4), batch: str = "
     return SweepResult(table, figure, runs)
 
 
-def _config_at(cfg: RunConfig, size: int, batch: str) -> RunConfig:
+def config_at(cfg: RunConfig, size: int, batch: str) -> RunConfig:
     if batch not in BATCH_MODES:
         raise ValueError(f"batch={batch!r} is invalid: valid values are {list(BATCH_MODES)}")
     if batch == "per_rank":
         return cfg.replace(world_size=size)
     global_batch = cfg.batch_size * cfg.world_size
     if global_batch % size:
-        raise ValueError(f"world size {size} cannot split the global batch of {global_batch} evenly: "
-                         f"use world sizes that divide it, or batch='per_rank'")
+        raise ValueError(
+            f"world size {size} cannot split the global batch of {global_batch} evenly: "
+            f"use world sizes that divide it, or batch='per_rank'"
+        )
     return cfg.replace(world_size=size, batch_size=global_batch // size)
 
 

@@ -1,81 +1,28 @@
 """ControlPanel: pick an experiment with widgets, press Run, steer it live,
 watch it in the embedded dashboard.
 
-Every field widget maps to one RunConfig field. The fields a strategy adds
-come from :data:`KNOBS`, a table keyed by strategy: adding a knob is adding one
-entry there (and the field to RunConfig, with its check in ``validate()``).
+Every field widget maps to one RunConfig field: the common fields, then the
+knobs of the chosen strategy, as its file declares them (``ddlkit.view.fields``).
 """
+
 from __future__ import annotations
 
 import html
 import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ipywidgets as widgets
 
-from .config import DATASETS, MODELS, SCHEDULES, STRATEGIES, SYNC_MODES, RunConfig
+from ..config import RunConfig
+from ..kernel.launch import launch
+from ..kernel.run import Run
+from ..knobs import Widget
+from . import fields
 from .dashboard import Dashboard
-from .launch import launch
-from .run import LIVE, Run
 
 LR_SEND_S = 0.25  # the slider sends at most this often while dragged; the last value always arrives
-
-
-@dataclass
-class Knob:
-    """One RunConfig field as a widget: ``make(value)`` builds it; ``to_widget``
-    and ``to_config`` translate values a widget cannot hold (None, say)."""
-
-    field: str
-    make: Callable[[Any], widgets.ValueWidget]
-    to_widget: Callable[[Any], Any] = lambda value: value
-    to_config: Callable[[Any], Any] = lambda value: value
-
-
-def _int(description: str, low: int = 1, high: int = 1_000_000) -> Callable[[Any], widgets.ValueWidget]:
-    return lambda value: widgets.BoundedIntText(value=value, min=low, max=high, description=description,
-                                                style={"description_width": "initial"},
-                                                layout=widgets.Layout(width="170px"))
-
-
-def _choice(description: str, options: tuple[str, ...]) -> Callable[[Any], widgets.ValueWidget]:
-    return lambda value: widgets.Dropdown(value=value, options=options, description=description,
-                                          style={"description_width": "initial"}, layout=widgets.Layout(width="190px"))
-
-
-def _log_slider(description: str, low: float, high: float) -> Callable[[Any], widgets.ValueWidget]:
-    return lambda value: widgets.FloatLogSlider(value=value, base=10, min=math.log10(low), max=math.log10(high),
-                                                step=0.05, readout_format=".3g", description=description,
-                                                continuous_update=True)
-
-
-# The fields every experiment has.
-COMMON = [
-    Knob("strategy", _choice("strategy", STRATEGIES)),
-    Knob("world_size", _int("world size", 1, 64)),
-    Knob("model", _choice("model", MODELS)),
-    Knob("dataset", _choice("dataset", DATASETS)),
-    Knob("batch_size", _int("batch / rank", 1, 65_536)),
-    Knob("steps", _int("steps")),
-    Knob("lr", _log_slider("lr", 1e-4, 1.0)),
-]
-
-# What each strategy adds, e.g. "pipeline": [Knob("micro_batches", _int("micro-batches"))].
-# Checkpoints make a run resizable live (0: none, the field's None).
-CHECKPOINTS = Knob("checkpoint_every", _int("checkpoint every (0: off)", 0, 1_000_000),
-                   to_widget=lambda value: value or 0, to_config=lambda value: value or None)
-PIPELINE = [Knob("micro_batches", _int("micro-batches", 1, 1024)), Knob("schedule", _choice("schedule", SCHEDULES))]
-KNOBS: dict[str, list[Knob]] = {
-    "single": [CHECKPOINTS], "data": [CHECKPOINTS], "hogwild": [], "fsdp": [],
-    "pipeline": [Knob("pp", _int("pp (stages)", 1, 64)), *PIPELINE],
-    "tensor": [Knob("tp", _int("tp", 1, 64))],
-    "hybrid": [Knob("dp", _int("dp", 1, 64)), Knob("pp", _int("pp", 1, 64)), Knob("tp", _int("tp", 1, 64)), *PIPELINE],
-    "ps": [Knob("servers", _int("servers", 1, 63)), Knob("sync", _choice("sync", SYNC_MODES)),
-           Knob("staleness_bound", _int("staleness bound (ssp)", 0, 1000))],
-}
 
 
 class ControlPanel:
@@ -94,6 +41,7 @@ class ControlPanel:
         self.run: Run | None = None
         self.dashboard: Dashboard | None = None
         self.fields: dict[str, widgets.ValueWidget] = {}
+        self.hints: dict[str, Widget] = {}
         self._lr_sent: float | None = None  # the learning rate the run has, as far as we sent it
         self._last_lr_send = 0.0
         self._lr_lock = threading.Lock()
@@ -106,48 +54,66 @@ class ControlPanel:
         self.status = widgets.HTML()
         self.error = widgets.HTML(layout=widgets.Layout(display="none"))
         self.knob_box = widgets.HBox()
-        # A straggler for any strategy: rank `slow_rank` takes `slowdown` times as long per step;
-        # before a run it is the config's slowdown, during one it is sent live.
-        initial = next(iter((self.base.slowdown or {}).items()), (self.base.world_size - 1, 1.0))
-        self.slow_rank = widgets.BoundedIntText(value=initial[0], min=0, max=63, description="slow rank",
-                                                style={"description_width": "initial"},
-                                                layout=widgets.Layout(width="150px"))
-        self.slowdown = widgets.FloatSlider(value=initial[1], min=1.0, max=10.0, step=0.5, description="slowdown ×",
-                                            continuous_update=False)
-        for widget in (self.slow_rank, self.slowdown):
-            widget.observe(self._straggler_changed, "value")
+        self.slow_rank, self.slowdown = self._straggler_row()
         self.dashboard_box = widgets.Box()
-        for knob in COMMON:
-            self._add_field(knob)
+        for name, hint in fields.COMMON.items():
+            self._add_field(name, hint)
         self.run_button.on_click(lambda _: self.start())
         self.pause_button.on_click(lambda _: self.toggle_pause())
         self.stop_button.on_click(lambda _: self.stop())
         self.fields["strategy"].observe(lambda _: self._show_knobs(), "value")
         self.fields["lr"].observe(self._lr_moved, "value")
+        self._tag_for_browser_tests()
+        self._show_knobs()
+        f = self.fields
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([f["strategy"], f["world_size"], f["model"], f["dataset"]]),
+                widgets.HBox([f["batch_size"], f["steps"], f["lr"]]),
+                self.knob_box,
+                widgets.HBox([self.slow_rank, self.slowdown]),
+                widgets.HBox([self.run_button, self.pause_button, self.stop_button, self.progress]),
+                self.status,
+                self.error,
+                self.dashboard_box,
+            ]
+        )
+
+    def _straggler_row(self) -> tuple[widgets.BoundedIntText, widgets.FloatSlider]:
+        """A straggler for any strategy: rank ``slow_rank`` takes ``slowdown`` times
+        as long per step; before a run it is the config's slowdown, during one it is sent live."""
+        rank, factor = next(iter((self.base.slowdown or {}).items()), (self.base.world_size - 1, 1.0))
+        style, width = {"description_width": "initial"}, widgets.Layout(width="150px")
+        slow_rank = widgets.BoundedIntText(
+            value=rank, min=0, max=63, description="slow rank", style=style, layout=width
+        )
+        slowdown = widgets.FloatSlider(
+            value=factor, min=1.0, max=10.0, step=0.5, description="slowdown ×", continuous_update=False
+        )
+        for widget in (slow_rank, slowdown):
+            widget.observe(self._straggler_changed, "value")
+        return slow_rank, slowdown
+
+    def _tag_for_browser_tests(self) -> None:
+        """CSS classes: handles for browser tests and custom styles."""
         for name in ("run", "pause", "stop"):
             getattr(self, f"{name}_button").add_class(f"ddlkit-{name}")
         self.status.add_class("ddlkit-status")
         self.dashboard_box.add_class("ddlkit-dashboard")
         self.error.add_class("ddlkit-error")
-        self._show_knobs()
-        f = self.fields
-        self.widget = widgets.VBox([
-            widgets.HBox([f["strategy"], f["world_size"], f["model"], f["dataset"]]),
-            widgets.HBox([f["batch_size"], f["steps"], f["lr"]]),
-            self.knob_box,
-            widgets.HBox([self.slow_rank, self.slowdown]),
-            widgets.HBox([self.run_button, self.pause_button, self.stop_button, self.progress]),
-            self.status, self.error, self.dashboard_box,
-        ])
 
     # ---- the experiment --------------------------------------------------------
     def config(self) -> RunConfig:
         """The RunConfig the widgets describe (fields without a widget come
         from the config the panel was made with)."""
-        knobs = {k.field: k for k in [*COMMON, *KNOBS.get(self.fields["strategy"].value, [])]}
-        config = self.base.replace(**{name: knobs[name].to_config(w.value) for name, w in self.fields.items()
-                                      if name in knobs})
-        return config.replace(slowdown=self._slowdown() or None)
+        config = self.base.for_strategy(self.fields["strategy"].value)
+        shown = [*fields.COMMON, *(name for name, _ in fields.fields_of(config))]
+        return config.replace(
+            **{
+                name: fields.value_of(self.hints[name], self.fields[name]) for name in shown if name in self.fields
+            },  # a new strategy's knobs appear after this check
+            slowdown=self._slowdown() or None,
+        )
 
     def _slowdown(self) -> dict[int, float]:
         return {self.slow_rank.value: self.slowdown.value} if self.slowdown.value > 1 else {}
@@ -167,7 +133,7 @@ class ControlPanel:
         if problem is not None:
             self._show_error(f"not started: {problem}")
             return None
-        if self.run is not None and self.run.status in LIVE:
+        if self.run is not None and self.run.live:
             self._show_error("a run is going: stop it first")
             return None
         if self.dashboard is not None:
@@ -186,7 +152,7 @@ class ControlPanel:
         return self.run
 
     def toggle_pause(self) -> None:
-        if self.run is None or self.run.status not in LIVE:
+        if self.run is None or not self.run.live:
             return
         if self.pause_button.description == "Pause":
             self.run.pause()
@@ -214,25 +180,25 @@ class ControlPanel:
         display(self.widget)
 
     # ---- widget plumbing ---------------------------------------------------------
-    def _add_field(self, knob: Knob) -> None:
-        widget = knob.make(knob.to_widget(getattr(self.base, knob.field)))
+    def _add_field(self, name: str, hint: Widget) -> None:
+        widget = fields.make(name, hint, getattr(self.base, name))
         widget.observe(lambda _: self._validate(), "value")
-        if knob.field in ("world_size", "strategy"):
+        if name in ("world_size", "strategy"):
             widget.observe(lambda _: self._relayout(), "value")
-        widget.add_class(f"ddlkit-{knob.field}")  # a handle for browser tests and custom CSS
-        self.fields[knob.field] = widget
+        widget.add_class(f"ddlkit-{name}")  # a handle for browser tests and custom CSS
+        self.fields[name], self.hints[name] = widget, hint
 
     def _show_knobs(self) -> None:
-        knobs = KNOBS.get(self.fields["strategy"].value, [])
-        for knob in knobs:
-            if knob.field not in self.fields:
-                self._add_field(knob)
-        self.knob_box.children = [self.fields[k.field] for k in knobs]
+        own = fields.fields_of(self.base.for_strategy(self.fields["strategy"].value))
+        for name, hint in own:
+            if name not in self.fields:
+                self._add_field(name, hint)
+        self.knob_box.children = [self.fields[name] for name, _ in own]
         self._validate()
 
     def _validate(self) -> None:
         problem = self.check()
-        live = self.run is not None and self.run.status in LIVE
+        live = self.run is not None and self.run.live
         self.run_button.disabled = problem is not None or live
         if problem is not None:
             self.status.value = f"<b style='color:#b00'>invalid:</b> {html.escape(problem)}"
@@ -243,7 +209,7 @@ class ControlPanel:
         """A new world size or strategy during a run: the run checkpoints,
         stops and goes on in the new layout (``Run.relaunch``); refusals (an
         invalid layout, no checkpoints) show in the error box."""
-        if self.run is None or self.run.status not in LIVE:
+        if self.run is None or not self.run.live:
             return
         problem = self.check()
         try:
@@ -258,7 +224,7 @@ class ControlPanel:
     def _straggler_changed(self, _change: dict[str, Any]) -> None:
         """Before a run: part of the config (validated). During one: sent live;
         moving the straggler to another rank frees the one it was on."""
-        if self.run is None or self.run.status not in LIVE:
+        if self.run is None or not self.run.live:
             self._validate()
             return
         change = {rank: 1.0 for rank in self._slowdown_sent} | self._slowdown()
@@ -269,13 +235,13 @@ class ControlPanel:
     def _lr_moved(self, change: dict[str, Any]) -> None:
         """While a run goes, the slider steers its learning rate: sent at once if
         the last send is old, else by the next dashboard refresh (last value wins)."""
-        if self.run is not None and self.run.status in LIVE and time.monotonic() - self._last_lr_send > LR_SEND_S:
+        if self.run is not None and self.run.live and time.monotonic() - self._last_lr_send > LR_SEND_S:
             self._send_lr()
 
     def _send_lr(self) -> None:
         with self._lr_lock:
             lr = self.fields["lr"].value
-            if self.run is None or self.run.status not in LIVE or lr == self._lr_sent or self.check() is not None:
+            if self.run is None or not self.run.live or lr == self._lr_sent or self.check() is not None:
                 return
             try:
                 self.run.set_lr(lr)
@@ -290,7 +256,7 @@ class ControlPanel:
         self._send_lr()
         self.progress.value = min(run.steps_done, self.progress.max)
         self.status.value = self._describe(run)
-        if run.status not in LIVE:
+        if not run.live:
             self._set_buttons(live=False)
             if run.status == "failed":
                 self._show_error(run.error or "failed")
@@ -306,7 +272,11 @@ class ControlPanel:
         self.stop_button.disabled = not live
 
     def _show_error(self, text: str | None) -> None:
-        self.error.value = "" if text is None else (
-            f"<pre style='color:#b00;white-space:pre-wrap;max-height:20em;overflow:auto'>{html.escape(text)}</pre>")
+        self.error.value = (
+            ""
+            if text is None
+            else (
+                f"<pre style='color:#b00;white-space:pre-wrap;max-height:20em;overflow:auto'>{html.escape(text)}</pre>"
+            )
+        )
         self.error.layout.display = "none" if text is None else None
-

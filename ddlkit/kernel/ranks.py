@@ -5,6 +5,7 @@ Each worker leads its own process group (a session, when spawned), so a Jupyter 
 (SIGINT to the kernel's group) never reaches it and one ``killpg`` ends the
 worker together with anything it started.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,19 +8,19 @@ the Jupyter server silently drops widget messages above 1,000/s, so updates are
 coalesced: one refresh per tick sends whatever arrived since the last one, with
 every trace downsampled to a bounded number of points.
 """
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 
+from ..kernel.run import Run
 from . import figures
-
-if TYPE_CHECKING:
-    from .run import Run
 
 REFRESH_S = 0.25
 # A dashboard opened on a long run catches up over several refreshes rather than in one
@@ -34,21 +34,27 @@ class Dashboard:
     """Live panels of one or several runs (overlaid), and optionally the
     speedup of each against a ``baseline`` run.
 
-    >>> import ddlkit
-    >>> run = ddlkit.launch(ddlkit.RunConfig(strategy="data", world_size=2, steps=30), echo=False)
-    >>> dashboard = ddlkit.Dashboard(run)   # in a notebook, show it: it draws while the run goes on
-    >>> _ = run.wait(120); dashboard.join(5)
+    In a notebook, show it: it draws while the run goes on, and its thread
+    ends after the run does::
+
+        run = ddlkit.launch(ddlkit.RunConfig(strategy="data", world_size=2, steps=300))
+        ddlkit.Dashboard(run)
+
+    A finished run is drawn once, with no thread:
+
+    >>> run = Run.from_events([{"type": "step", "rank": 0, "step": s, "time": 1.0 + s, "loss": 1.0} for s in range(3)])
+    >>> dashboard = Dashboard(run)
     >>> dashboard.running, any(trace.name == "mean loss" for trace in dashboard.figure.data)
     (False, True)
     """
 
-    def __init__(self, runs: "Run | list[Run]", baseline: "Run | None" = None, interval: float = REFRESH_S):
+    def __init__(self, runs: Run | list[Run], baseline: Run | None = None, interval: float = REFRESH_S):
         self.data, self.context = figures.load(runs, baseline, read=False)  # refreshes read, in slices
         self.interval = interval
         self.figure = go.FigureWidget()
         self.last_refresh_s = 0.0  # what the last refresh cost the kernel
         self.refreshes = 0
-        self._listeners: list[Callable[["Dashboard"], None]] = []
+        self._listeners: list[Callable[[Dashboard], None]] = []
         self._signature: tuple | None = None
         self._lock = threading.Lock()  # the timer thread and a caller's refresh() never interleave
         self._closed = threading.Event()
@@ -59,7 +65,7 @@ class Dashboard:
             self._thread.start()
 
     @property
-    def runs(self) -> list["Run"]:
+    def runs(self) -> list[Run]:
         return [data.run for data in self.data]
 
     @property
@@ -67,7 +73,7 @@ class Dashboard:
         """Whether the refresh thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    def on_refresh(self, listener: Callable[["Dashboard"], None]) -> None:
+    def on_refresh(self, listener: Callable[[Dashboard], None]) -> None:
         """Call ``listener(dashboard)`` after each refresh, on the refresh thread
         (the control panel updates its status line this way)."""
         self._listeners.append(listener)
@@ -133,7 +139,7 @@ class Dashboard:
     def _update_in_place(self, traces: list[dict[str, Any]], title: str) -> None:
         """Send only the data that changed: styles stay as laid out."""
         with self.figure.batch_update():
-            for shown, new in zip(self.figure.data, traces):
+            for shown, new in zip(self.figure.data, traces, strict=True):
                 changed = {key: new[key] for key in DATA_KEYS if key in new and not _same(shown[key], new[key])}
                 if changed:
                     shown.update(changed)
@@ -147,5 +153,5 @@ def _same(shown: Any, new: Any) -> bool:
     if isinstance(new, dict):  # a nested property (marker): compare what we set
         return shown is not None and all(_same(shown[k], v) for k, v in new.items())
     if isinstance(new, (list, tuple)) and isinstance(shown, (list, tuple)):
-        return len(shown) == len(new) and all(_same(a, b) for a, b in zip(shown, new))
+        return len(shown) == len(new) and all(_same(a, b) for a, b in zip(shown, new, strict=True))
     return shown == new

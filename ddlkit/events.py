@@ -1,0 +1,152 @@
+"""The events ranks send and the kernel records: one TypedDict per type.
+
+Every sender builds its events from these classes, and ``docs/events.md``
+lists exactly these types and fields (a test compares the two). Every event
+has ``type``; the reporter adds ``rank`` and ``time`` (Unix seconds) when it
+sends, and the kernel adds ``attempt`` when it records.
+
+>>> Checkpoint(type="checkpoint", step=40, path="runs/x/checkpoints/step-000040")["step"]
+40
+>>> sorted(TYPES)[:3]
+['beat', 'checkpoint', 'comm']
+"""
+
+# No `from __future__ import annotations`: TypedDict reads NotRequired from evaluated annotations.
+
+from typing import Any
+
+from typing_extensions import NotRequired, TypedDict
+
+
+class Event(TypedDict):
+    """What every event has."""
+
+    type: str
+    rank: NotRequired[int]
+    time: NotRequired[float]
+    attempt: NotRequired[int]
+
+
+class Step(Event):
+    """A training step of one rank (also whatever a function gives ``ddlkit.log``)."""
+
+    step: int
+    loss: NotRequired[Any]
+    samples: NotRequired[int]
+    lr: NotRequired[float]
+    step_time: NotRequired[float]
+    compute_s: NotRequired[float]
+    comm_s: NotRequired[float]
+    wait_s: NotRequired[float]
+    staleness: NotRequired[int]
+    version: NotRequired[int]
+    dropped: NotRequired[bool]
+
+
+class Span(Event):
+    step: NotRequired[int]  # added by the rank loop
+    stage: int
+    micro_batch: int
+    phase: str
+    start: float
+    end: float
+
+
+class Update(Event):
+    worker: int
+    step: int
+    read_version: int
+    applied_version: int
+    staleness: int
+    dropped: bool
+    idle_s: NotRequired[float]
+
+
+class Memory(Event):
+    step: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    peak_activation_bytes: int
+
+
+class Comm(Event):
+    step: int
+    comm_bytes: int
+    comm_calls: int
+
+
+class ControlRequest(Event):
+    lr: NotRequired[float]
+    paused: NotRequired[bool]
+    stop: NotRequired[bool]
+    slowdown: NotRequired[dict[str, float]]
+
+
+class Control(ControlRequest):
+    step: int
+
+
+class Checkpoint(Event):
+    step: int
+    path: str
+
+
+class Restart(Event):
+    reason: str
+    from_step: int
+    checkpoint: str | None
+    skipped: list[str]
+
+
+class Layout(Event):
+    strategy: str
+    world_size: int
+    batch_size: int
+    from_step: int
+    checkpoint: str | None
+    skipped: list[str]
+
+
+class Error(Event):
+    traceback: str
+
+
+class Finished(Event):
+    steps: NotRequired[int]
+    samples: NotRequired[int]
+    train_s: NotRequired[float]
+    stopped: NotRequired[bool]
+    updates: NotRequired[int]
+    param_checksum: NotRequired[float]
+
+
+class Beat(Event):
+    step: int
+
+
+TYPES: dict[str, type] = {
+    "step": Step,
+    "span": Span,
+    "update": Update,
+    "memory": Memory,
+    "comm": Comm,
+    "control_request": ControlRequest,
+    "control": Control,
+    "checkpoint": Checkpoint,
+    "restart": Restart,
+    "layout": Layout,
+    "error": Error,
+    "finished": Finished,
+    "beat": Beat,
+}
+COMMON_FIELDS = ("type", "rank", "time", "attempt")
+
+
+def fields(kind: str) -> list[str]:
+    """The fields of an event type besides those every event has.
+
+    >>> fields("checkpoint")
+    ['step', 'path']
+    """
+    return [name for name in TYPES[kind].__annotations__ if name not in COMMON_FIELDS]

@@ -1,0 +1,203 @@
+"""Starting one attempt's worker processes, always the same way: at launch,
+and again for every restart or new layout.
+
+Three small pieces, each with one job: the rendezvous store every rank meets
+at, the environment each rank is given, and starting one worker process
+(spawned for built-in experiments and importable functions, forked for
+functions defined in a notebook).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch  # here rather than in launch(): the first import costs a second
+from torch.distributed import TCPStore
+
+from ..channel import ChannelServer
+from ..config import RunConfig
+from .ranks import ForkedProcess, RankState, WorkerProcess
+
+
+class Starter:
+    """Starts one attempt's ranks: at launch, and again for every restart or
+    new layout (the collector calls it), always the same way."""
+
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        rendezvous: Rendezvous,
+        server: ChannelServer,
+        config: RunConfig | None,
+        function: Callable[..., Any] | str | None,
+        spawn_name: str | None,
+        args: tuple[Any, ...],
+    ):
+        self.path, self.device, self.rendezvous, self.server = path, device, rendezvous, server
+        self.config, self.function, self.spawn_name, self.args = config, function, spawn_name, args
+
+    def start(
+        self, world_size: int, attempt: int = 0, checkpoint: Path | None = None, config: RunConfig | None = None
+    ) -> tuple[list[RankState], dict[int, Any]]:
+        """Start every rank of attempt ``attempt``, resuming from ``checkpoint``
+        if given; ``config`` replaces the run's (a new layout)."""
+        self.config = config or self.config
+        if self.config is not None:
+            self.config.save(self.path / "config.json")  # what a later resume of this folder runs
+            argv = [sys.executable, "-m", "ddlkit.worker", str(self.path / "config.json")]
+        else:
+            argv = [sys.executable, "-m", "ddlkit.worker", "--function", self.spawn_name or ""]
+        started = time.time()
+        threads = (self.config.threads if self.config is not None else None) or max(
+            1, len(os.sched_getaffinity(0)) // world_size
+        )
+        ranks: list[RankState] = []
+        outputs: dict[int, Any] = {}
+        kernel_fds = [self.server.fileno()]  # a forked worker must not hold the kernel's sockets open
+        for rank in range(world_size):
+            env = worker_env(
+                rank, world_size, self.rendezvous.port, self.server, self.path, self.device, threads, attempt
+            )
+            if checkpoint is not None:
+                env["DDLKIT_RESUME"] = str(checkpoint)
+            if self.config is not None or self.spawn_name is not None:
+                if self.spawn_name is not None:
+                    env["DDLKIT_ARGS"] = json.dumps(list(self.args))
+                process, output = spawn_worker(argv, env)
+            else:
+                assert callable(self.function)  # only a function object is forked
+                process, output = fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
+            kernel_fds.append(output.fileno())
+            ranks.append(RankState(rank, process, progress_at=started))
+            outputs[rank] = output
+        return ranks, outputs
+
+    def close(self) -> None:
+        """The store and the channel's listening socket go with the run."""
+        self.server.close()
+        self.rendezvous.close()
+
+
+class Rendezvous:
+    """The TCPStore every rank meets at, hosted by the kernel so that it outlives
+    any rank. torch's store would listen on every interface; handing it a
+    socket bound to 127.0.0.1 keeps it on this machine."""
+
+    def __init__(self, host: str = "127.0.0.1", timeout_s: float = 300.0):
+        sock = socket.create_server((host, 0))
+        self.port: int = sock.getsockname()[1]
+        self._store: TCPStore | None = TCPStore(
+            host,
+            self.port,
+            None,
+            True,
+            timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=sock.detach(),
+        )
+
+    def close(self) -> None:
+        self._store = None  # the store owns the socket and closes it when destroyed
+
+
+def worker_env(
+    rank: int,
+    world_size: int,
+    store_port: int,
+    server: ChannelServer,
+    run_path: Path,
+    device: str,
+    threads: int,
+    attempt: int = 0,
+) -> dict[str, str]:
+    """What a rank needs to join the group and the channel. With
+    TORCHELASTIC_USE_AGENT_STORE every rank joins the kernel's store as a client
+    under a prefix of its attempt, as ranks under torchrun do."""
+    host, port = server.address
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store_port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": str(attempt),
+        "DDLKIT_CHANNEL": f"{host}:{port}",
+        "DDLKIT_TOKEN": server.token,
+        "DDLKIT_RUN_DIR": str(run_path),
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"  # else accelerate makes N single-process runs on a CPU-only machine
+    if sys.platform == "linux":  # keep gloo's and NCCL's own sockets on loopback too
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env[name] = os.environ.get(name, "lo")
+    return env
+
+
+def spawn_worker(argv: list[str], env: dict[str, str]) -> tuple[WorkerProcess, Any]:
+    """A fresh interpreter in its own session: it inherits no CUDA state and no
+    signal from the kernel's process group."""
+    process = subprocess.Popen(
+        argv,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return process, process.stdout
+
+
+def fork_worker(
+    rank: int,
+    env: dict[str, str],
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    run_path: Path,
+    threads: int,
+    kernel_fds: list[int],
+) -> tuple[WorkerProcess, Any]:
+    """A fork of the kernel for a function defined in the notebook (it cannot
+    be imported by a fresh interpreter). Called from the kernel's main thread:
+    a forked child is tied to the thread that forked it."""
+    from ..rank.entry import run_function, serve  # the rank's side, run in the forked child
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child; it never returns
+        try:
+            os.setpgid(0, 0)  # also done by the parent below: whoever runs first, no window
+            for fd in [*kernel_fds, read_fd]:
+                os.close(fd)
+            os.dup2(write_fd, 1)
+            os.dup2(write_fd, 2)
+            os.close(write_fd)
+            # The kernel's sys.stdout talks to Jupyter; the worker's goes to its pipe.
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+            os.environ.update(env)
+            torch.set_num_threads(threads)  # OMP_NUM_THREADS is read once, by the kernel
+            serve(rank, run_path, run_function(function, args, rank, run_path))
+        finally:
+            os._exit(1)
+    try:
+        os.setpgid(pid, pid)  # its own process group before launch() returns: an interrupt cannot reach it
+    except ProcessLookupError:  # it already ended; supervision reports how
+        pass
+    os.close(write_fd)
+    return ForkedProcess(pid), os.fdopen(read_fd, "rb", buffering=0)

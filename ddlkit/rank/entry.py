@@ -1,0 +1,122 @@
+"""The one worker entry point (``python -m ddlkit.worker``).
+
+ddlkit's launcher, the CLI and ``accelerate launch -m ddlkit.worker cfg.yaml``
+on a cluster all run the code below with the same serialised config, so what
+runs in CI on two CPU processes is what runs on eight GPUs.
+
+Every rank: connect its reporter, run the body (the rank loop for a built-in
+experiment, or the user's function), say "finished" or send its traceback,
+and leave with ``os._exit`` (DDP on gloo can abort in interpreter shutdown
+after a clean finish; skipping the shutdown is what makes a finished run finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import importlib
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch.distributed as dist
+
+from .. import events
+from ..config import RunConfig
+from ..files import save_torch
+from .loop import train
+from .reporter import Reporter
+
+
+def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn:
+    """Run one rank's body and report how it ended; never returns."""
+    # Fatal errors and the stacks the kernel asks of a hung rank go to this
+    # rank's own stderr (a forked rank inherits the kernel's faulthandler file).
+    faulthandler.enable(file=sys.stderr)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    reporter = Reporter.from_env(rank, run_dir)
+    reporter.activate()
+    code = 1
+    try:
+        returned = body(reporter)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        summary = returned if isinstance(returned, dict) else {}  # the rank loop's; a function's body returns None
+        reporter.send(events.Finished(type="finished", **summary), now=True)
+        code = 0
+    except SystemExit as exc:  # sys.exit(0) inside a user's function is a clean end
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 0:
+            reporter.send(events.Finished(type="finished"), now=True)
+    except BaseException:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        reporter.error(text)
+    finally:
+        reporter.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_function(fn: Callable[..., Any], args: tuple[Any, ...], rank: int, run_dir: Path) -> Callable[[Reporter], None]:
+    """The body for a user's training function: call it, keep what it returns."""
+
+    def body(_reporter: Reporter) -> None:
+        value = fn(*args)
+        if value is not None:
+            save_torch(value, run_dir / f"return-rank{rank}.pt")
+
+    return body
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """'package.module:function' -> the function."""
+    module, _, name = path.partition(":")
+    function: Callable[..., Any] = getattr(importlib.import_module(module), name)
+    return function
+
+
+def agreed_run_id() -> str:
+    """A run folder name that all ranks started by another launcher share: the
+    launcher's run id, or else one that the first rank proposes in the store
+    that torchrun's (and accelerate launch's) agent hosts for every rank."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return run_id
+    proposal = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return proposal  # a single process
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=60)
+    )
+    return store.compare_set("ddlkit/run_id", "", proposal).decode()
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = argparse.ArgumentParser(prog="python -m ddlkit.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="a RunConfig as YAML or JSON")
+    parser.add_argument("--function", help="'module:function' to run instead of a built-in experiment")
+    opts = parser.parse_args(argv)
+    if not opts.config and not opts.function:
+        parser.error("give a config file or --function module:function")
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.function:
+        run_dir = Path(os.environ.get("DDLKIT_RUN_DIR", "runs/standalone"))
+        args = tuple(json.loads(os.environ.get("DDLKIT_ARGS", "[]")))
+        serve(rank, run_dir, run_function(import_function(opts.function), args, rank, run_dir))
+    cfg = RunConfig.load(opts.config)
+    cfg.validate()
+    run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / agreed_run_id())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (run_dir / "config.json").exists():
+        cfg.save(run_dir / "config.json")
+    serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))

@@ -1,0 +1,37 @@
+"""Joining the process group of one attempt.
+
+When a rank dies (or hangs) and ``max_restarts`` allows, the kernel ends
+every rank and starts all of them again (as torchrun does), attempt n+1. All
+attempts meet at the kernel's one rendezvous store, but in torch 2.13 ranks
+under an agent store all use the same keys (``default_pg/...``): a restarted
+rank would read the dead attempt's addresses and fail to connect ("Connection
+refused") or hang. So every attempt joins its group under its own
+``PrefixStore("/attempt_<n>", store)`` (FIELD-NOTES: 10/10 clean restarts
+that way), with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from .faults import attempt_number
+
+
+def join_attempt_group(device: str, timeout: timedelta) -> None:
+    """Initialise this rank's default process group under the attempt's own
+    store prefix (accelerate then uses it as it is). Only under ddlkit's or
+    torchrun's agent store, with more than one rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        timeout=timeout,
+        world_size=world_size,
+        rank=int(os.environ["RANK"]),
+        store=dist.PrefixStore(f"/attempt_{attempt_number()}", store),
+    )

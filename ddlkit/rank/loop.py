@@ -1,0 +1,149 @@
+"""The one rank loop: what every rank of a built-in experiment does, whatever
+its strategy.
+
+It owns what all strategies share: the process group, the seeded model and
+data, live controls, injected faults, stragglers, step rows, progress for the
+hang detector, checkpoints, and the one step whose memory and communication
+are measured. The strategy (``ddlkit.rank.strategy``) only says how one rank
+takes one step, or, on a serving rank, runs its own ticks through
+``ctx.tick``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import events, registry
+from ..checkpoint import Checkpointer
+from ..config import RunConfig
+from ..data import ShardedStream, load_dataset
+from ..files import save_torch
+from ..models import build_model
+from .comm import CommCounter
+from .faults import attempt_number, faults_for, inject_fault
+from .group import join_attempt_group
+from .memory import MEMORY_STEP, MemoryMeter
+from .reporter import Reporter
+from .stragglers import Straggler
+from .strategy import RankContext, StepStats, Strategy, make_optimizer
+from .sync import ControlSync, follow_lr
+
+
+def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
+    """Build this rank's strategy, run its steps (or serve), save the result."""
+    from accelerate import Accelerator  # deferred: a second of import, only in workers
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # A peer that hangs must not hold the others forever: the kernel's hang
+    # detector fires first, this timeout is the backstop.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=2 * cfg.hang_timeout))
+    join_attempt_group(cfg.resolved_device(), timeout.timeout)  # a restarted attempt must not meet the old one's keys
+    accelerator = Accelerator(cpu=cfg.resolved_device() == "cpu", kwargs_handlers=[timeout])
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    dataset = load_dataset(cfg.dataset, cfg.seed, cfg.seq_len)
+    model = build_model(cfg.model, dataset, cfg.hidden, cfg.seq_len)
+    spec = registry.get(cfg.strategy)
+    strategy: Strategy = spec.build(cfg, accelerator, model, dataset.task, make_optimizer(cfg))
+    # Data is sharded over the data-parallel ranks: ranks of one model replica
+    # (pipeline stages, tensor shards) see the same batch.
+    ctx = RankContext(
+        cfg,
+        rank,
+        world_size,
+        accelerator.device,
+        reporter,
+        ControlSync(reporter, rank, world_size, collective=spec.lockstep),
+        Straggler(cfg, rank, reporter),
+        faults_for(cfg, rank, attempt_number()),
+        run_dir,
+        dataset,
+        ShardedStream(len(dataset), cfg.batch_size, strategy.dp_rank, strategy.dp_size, cfg.seed),
+        cfg.lr,
+    )
+    strategy.setup(ctx)
+    summary = strategy.serve(ctx) if strategy.serves() else run_steps(ctx, strategy, spec.checkpoint is not None)
+    summary.update(strategy.finish(ctx))
+    state = strategy.full_state_dict()
+    if rank == 0:
+        save_torch(state, run_dir / "final_state.pt")
+    return summary
+
+
+def run_steps(ctx: RankContext, strategy: Strategy, checkpointed: bool) -> dict[str, Any]:
+    """The steps of one rank, from the checkpoint the kernel chose (if any)."""
+    cfg, reporter = ctx.cfg, ctx.reporter
+    checkpoints = Checkpointer(cfg, strategy, ctx.run_dir, ctx.rank, ctx.world_size) if checkpointed else None
+    first_step, saved_lr = checkpoints.restore(os.environ.get("DDLKIT_RESUME")) if checkpoints else (0, None)
+    ctx.lr = ctx.lr if saved_lr is None else saved_lr  # the optimizer's state brought its own
+
+    started, steps_done = time.perf_counter(), first_step
+    for step in range(first_step, cfg.steps):
+        live = ctx.controls.at_step(step)  # the same on every lockstep rank, at the same step
+        if live.stop:
+            break
+        ctx.lr = follow_lr(live, ctx.lr, strategy.set_lr)
+        step_start = time.perf_counter()
+        index = ctx.shard.indices(step)
+        inputs = ctx.dataset.inputs[index].to(ctx.device)
+        targets = ctx.dataset.targets[index].to(ctx.device)
+        wait_s = time.perf_counter() - step_start
+        if step in ctx.faults:
+            inject_fault(ctx.faults[step], step)
+        ctx.straggled = False
+        stats = measured_step(ctx, strategy, step, inputs, targets)
+        for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
+            reporter.send({**event, "step": step})
+        if not ctx.straggled:
+            ctx.straggle(step_start)  # a straggler, for teaching (slowdown, delay_s, delay_jitter_s)
+        steps_done = step + 1
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            reporter.step(  # the loss stays a tensor until sent: no sync in the step
+                step,
+                loss=stats.loss,
+                samples=len(index),
+                lr=ctx.lr,
+                step_time=time.perf_counter() - step_start,
+                compute_s=stats.compute_s,
+                comm_s=stats.comm_s,
+                **{"wait_s": wait_s, **stats.row},
+            )
+        else:
+            reporter.last_step = step  # progress for the hang detector, no event
+        if checkpoints and checkpoints.due(steps_done) and steps_done < cfg.steps:
+            checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
+    train_s = time.perf_counter() - started
+    stopped = steps_done < cfg.steps
+    if stopped and checkpoints and cfg.checkpoint_every is not None and not checkpoints.due(steps_done):
+        checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)  # keep this step's state
+    samples = (steps_done - first_step) * cfg.batch_size * strategy.dp_size
+    return {"steps": steps_done, "samples": samples, "train_s": train_s, "stopped": stopped}
+
+
+def measured_step(
+    ctx: RankContext, strategy: Strategy, step: int, inputs: torch.Tensor, targets: torch.Tensor
+) -> StepStats:
+    """The strategy's step; once per run (``MEMORY_STEP``) with its memory and
+    communication measured and sent as ``memory`` and ``comm`` events."""
+    if step != min(MEMORY_STEP, ctx.cfg.steps - 1):
+        return strategy.step(inputs, targets)
+    optimizer = strategy.optimizer
+    with MemoryMeter(optimizer) if optimizer is not None else nullcontext() as meter, CommCounter() as comm:
+        stats = strategy.step(inputs, targets)
+    if meter is not None:
+        ctx.reporter.send(meter.event(step))
+    ctx.reporter.send(comm.event(step))
+    return stats
+
+
+def checkpoint_event(reporter: Reporter, path: Path | None, next_step: int) -> None:
+    if path is not None:  # rank 0 finished it
+        reporter.send(events.Checkpoint(type="checkpoint", step=next_step, path=str(path)), now=True)

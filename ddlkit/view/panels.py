@@ -1,0 +1,114 @@
+"""The dashboard's panels: a registry, one :class:`Panel` entry per subplot,
+with a function that turns the runs' data into traces and a condition saying
+when the panel has anything to show. Adding a panel is adding one entry.
+
+>>> from ddlkit.kernel.run import Run
+>>> run = Run.from_events([{"type": "step", "rank": 0, "step": s, "time": 1.0 + s, "loss": 1.0, "samples": 8,
+...                         "step_time": 0.1, "compute_s": 0.1, "comm_s": 0.0, "wait_s": 0.0} for s in range(3)])
+>>> [panel.key for panel in active_panels([RunData(run)])]
+['loss_step', 'loss_time', 'throughput', 'breakdown']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..kernel.run import Run
+from . import staleness, timeline
+from .rundata import Context, RunData
+from .traces import TraceFunction, breakdown, loss, memory, speedup, throughput
+
+
+@dataclass
+class Panel:
+    """One subplot: ``traces`` draws it, ``when`` says if it has data."""
+
+    key: str
+    title: str
+    traces: TraceFunction
+    when: Callable[[list[RunData], Context], bool] = lambda runs, ctx: True
+    x_title: str = ""
+    y_title: str = ""
+
+
+def per_run(traces: Callable[[Run], list[Any]]) -> TraceFunction:
+    """Adapt a helper's ``traces(run) -> list of traces`` to a panel."""
+    return lambda runs, ctx: [trace for data in runs for trace in traces(data.run)]
+
+
+def has_events(kind: str) -> Callable[[list[RunData], Context], bool]:
+    """A panel condition: some run has events of this type."""
+    return lambda runs, ctx: any(data.event_counts.get(kind) for data in runs)
+
+
+PANELS: list[Panel] = [
+    Panel(
+        "loss_step",
+        "loss vs step (ranks faint, mean bold, ▼ control applied)",
+        loss("step"),
+        x_title="step",
+        y_title="loss",
+    ),
+    Panel("loss_time", "loss vs wall time", loss("time"), x_title="seconds since launch", y_title="loss"),
+    Panel("throughput", "throughput (samples/s, all ranks)", throughput, x_title="step", y_title="samples/s"),
+    Panel(
+        "breakdown",
+        "time per step: compute / comm / wait (dark to light)",
+        breakdown,
+        x_title="step",
+        y_title="seconds",
+    ),
+    Panel(
+        "speedup",
+        "speedup vs baseline (dashed: ideal)",
+        speedup,
+        when=lambda runs, ctx: ctx.baseline is not None,
+        x_title="ranks",
+        y_title="speedup",
+    ),
+    Panel(
+        "memory",
+        "memory per rank (MiB: params, grads, optimizer, activations)",
+        memory,
+        when=has_events("memory"),
+        y_title="MiB",
+    ),
+    Panel(
+        "pipeline",
+        "pipeline timeline, last 2 steps (gaps: bubble)",
+        per_run(timeline.traces),
+        when=has_events("span"),
+        x_title="seconds since launch",
+        y_title="stage · rank",
+    ),
+    Panel(
+        "staleness",
+        "gradient staleness of applied updates",
+        per_run(staleness.histogram_traces),
+        when=has_events("update"),
+        x_title="staleness (updates missed)",
+        y_title="updates",
+    ),
+    Panel(
+        "staleness_time",
+        "staleness over time, per worker",
+        per_run(staleness.over_time_traces),
+        when=has_events("update"),
+        x_title="seconds since launch",
+        y_title="staleness",
+    ),
+]
+
+
+def active_panels(runs: list[RunData], ctx: Context | None = None, keys: list[str] | None = None) -> list[Panel]:
+    """The panels that have something to show (only ``keys``, if given)."""
+    ctx = ctx or Context()
+    return [p for p in PANELS if (keys is None or p.key in keys) and p.when(runs, ctx)]
+
+
+def panel_traces(runs: list[RunData], ctx: Context, panels: list[Panel]) -> list[list[dict[str, Any]]]:
+    """Each panel's traces as plain dicts (ours are built as dicts: plotly's
+    validation of trace objects would cost more than the rest of a refresh)."""
+    return [[t if isinstance(t, dict) else t.to_plotly_json() for t in panel.traces(runs, ctx)] for panel in panels]

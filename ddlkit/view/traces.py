@@ -1,0 +1,235 @@
+"""The traces of the built-in panels: loss (per rank and mean, with the
+control markers), throughput, the time breakdown, speedup and memory, as plain
+dicts (plotly's validation of trace objects would cost more than the rest of a
+refresh).
+
+>>> marker_label({"type": "control", "step": 3, "lr": 0.01, "paused": True})
+'lr=0.01, paused'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..controls import CONTROLS
+from .rundata import MEMORY, TIMES, Context, RunData, downsample
+
+MAX_BARS = 100  # bars per run in the time-breakdown panel
+TraceFunction = Callable[[list[RunData], Context], list[Any]]
+
+
+def series_name(data: RunData, runs: list[RunData], what: str) -> str:
+    return what if len(runs) == 1 else f"{data.label} {what}"
+
+
+def loss(x_of: str) -> TraceFunction:
+    """Loss per rank (faint) and mean over ranks (bold), against step or time,
+    with the control markers."""
+
+    def traces(runs: list[RunData], ctx: Context) -> list[Any]:
+        out = []
+        for data in runs:
+            for rank, series in sorted(data.ranks.items()):
+                loss = series["loss"].values
+                keep = downsample(loss)
+                out.append(
+                    dict(
+                        type="scatter",
+                        x=series[x_of].values[keep],
+                        y=loss[keep],
+                        name=series_name(data, runs, f"rank {rank}"),
+                        legendgroup=data.run.id,
+                        showlegend=False,
+                        opacity=0.35,
+                        mode="lines",
+                        line={"width": 1, "color": data.color},
+                    )
+                )
+            steps = data.steps()
+            mean = data.mean("loss_sum", steps)
+            keep = downsample(mean)
+            x = steps if x_of == "step" else data.per_step.arrays["time_max"][steps]
+            out.append(
+                dict(
+                    type="scatter",
+                    x=x[keep],
+                    y=mean[keep],
+                    name=series_name(data, runs, "mean loss"),
+                    mode="lines",
+                    legendgroup=data.run.id,
+                    line={"width": 3, "color": data.color},
+                    showlegend=x_of == "step",
+                )
+            )
+            out.append(markers(data, runs, x_of, steps, mean))
+        return out
+
+    return traces
+
+
+def marker_label(event: dict[str, Any]) -> str:
+    """'lr=0.01', 'paused', 'resumed', 'stop', 'slowdown {1: 3.0}'."""
+    parts = []
+    for name, value in event.items():
+        if name not in CONTROLS:  # type, rank, time, step, attempt, ...: not a change
+            continue
+        if name == "paused":
+            parts.append("paused" if value else "resumed")
+        elif name == "stop":
+            parts.append("stop")
+        else:
+            parts.append(f"{name}={value:g}" if isinstance(value, (int, float)) else f"{name} {value}")
+    return ", ".join(parts)
+
+
+def markers(data: RunData, runs: list[RunData], x_of: str, steps: np.ndarray, mean: np.ndarray) -> dict:
+    """Asked (x) and applied (triangle, labelled) control changes, on the mean
+    loss curve: applied ones at the step the ranks switched."""
+    x, y, text, hover, symbol = [], [], [], [], []
+    times = data.per_step.arrays["time_max"][steps]
+    for event in data.markers:
+        seconds = event["time"] - data.run.started
+        step = event.get("step", data.step_at(seconds))
+        applied = event["type"] == "control"
+        at = np.interp(step, steps, mean) if len(steps) else 0.0
+        x.append(step if x_of == "step" else (np.interp(step, steps, times) if applied and len(steps) else seconds))
+        y.append(at)
+        label = marker_label(event)
+        text.append(label if applied else "")
+        hover.append(f"{'applied' if applied else 'asked'}: {label}")
+        symbol.append("triangle-down" if applied else "x")
+    return dict(
+        type="scatter",
+        x=x,
+        y=y,
+        text=text,
+        hovertext=hover,
+        hoverinfo="text",
+        mode="markers+text",
+        textposition="top center",
+        name=series_name(data, runs, "controls"),
+        legendgroup=data.run.id,
+        showlegend=False,
+        marker={"symbol": symbol, "size": 11, "color": "black"},
+    )
+
+
+def throughput(runs: list[RunData], ctx: Context) -> list[Any]:
+    out = []
+    for data in runs:
+        steps, rate = data.throughput()
+        keep = downsample(rate)
+        out.append(
+            dict(
+                type="scatter",
+                x=steps[keep],
+                y=rate[keep],
+                name=series_name(data, runs, "samples/s"),
+                mode="lines",
+                legendgroup=data.run.id,
+                showlegend=False,
+                line={"color": data.color},
+            )
+        )
+    return out
+
+
+def breakdown(runs: list[RunData], ctx: Context) -> list[Any]:
+    """Mean compute / communication / waiting seconds per step over ranks,
+    averaged into at most MAX_BARS bars per run; runs side by side."""
+    out = []
+    shades = {"compute_s": 1.0, "comm_s": 0.6, "wait_s": 0.25}
+    for index, data in enumerate(runs):
+        steps = data.steps(complete=True)
+        if not len(steps):
+            continue
+        width = max(1, math.ceil((steps[-1] + 1) / MAX_BARS))
+        bucket = steps // width
+        counts = np.bincount(bucket)
+        filled = np.flatnonzero(counts)
+        base = np.zeros(len(filled))
+        for name in TIMES:
+            per_step = data.mean(name, steps)
+            height = np.bincount(bucket, weights=per_step)[filled] / counts[filled]
+            out.append(
+                dict(
+                    type="bar",
+                    x=filled * width,
+                    y=height,
+                    base=base,
+                    width=width / len(runs),
+                    offset=index * width / len(runs),
+                    name=series_name(data, runs, name.removesuffix("_s")),
+                    legendgroup=data.run.id,
+                    marker={"color": data.color, "opacity": shades[name]},
+                    showlegend=False,
+                    hovertemplate=f"{name.removesuffix('_s')}: %{{y:.2e}} s<extra></extra>",
+                )
+            )
+            base = base + height
+    return out
+
+
+def speedup(runs: list[RunData], ctx: Context) -> list[Any]:
+    """Measured samples/s relative to the baseline run, against the ideal
+    (linear in the number of ranks)."""
+    base = ctx.baseline
+    assert base is not None  # the panel shows only with a baseline
+    base_rate, base_size = base.samples_per_s(), base.run.world_size
+    sizes = sorted({data.run.world_size for data in [base, *runs]})
+    out = [
+        dict(
+            type="scatter",
+            x=sizes,
+            y=[size / base_size for size in sizes],
+            name="ideal",
+            mode="lines",
+            line={"dash": "dash", "color": "gray"},
+            showlegend=False,
+        )
+    ]
+    points = [base] + [data for data in runs if data is not base]
+    out.append(
+        dict(
+            type="scatter",
+            x=[d.run.world_size for d in points],
+            y=[d.samples_per_s() / base_rate for d in points],
+            text=[d.label for d in points],
+            mode="markers+lines",
+            name="measured speedup",
+            showlegend=False,
+            marker={"size": 10, "color": [d.color for d in points]},
+            line={"color": "black"},
+        )
+    )
+    return out
+
+
+def memory(runs: list[RunData], ctx: Context) -> list[Any]:
+    """Bytes each rank holds, stacked by kind (from `memory` events)."""
+    out = []
+    for data in runs:
+        ranks = sorted(data.memory)
+        x = [series_name(data, runs, f"rank {rank}") for rank in ranks]
+        base = np.zeros(len(ranks))
+        for shade, name in zip((1.0, 0.7, 0.45, 0.25), MEMORY, strict=True):
+            height = np.array([data.memory[rank][name] for rank in ranks]) / 2**20
+            out.append(
+                dict(
+                    type="bar",
+                    x=x,
+                    y=height,
+                    base=base,
+                    name=name.removesuffix("_bytes"),
+                    showlegend=False,
+                    legendgroup=data.run.id,
+                    marker={"color": data.color, "opacity": shade},
+                    hovertemplate=f"{name.removesuffix('_bytes')}: %{{y:.2f}} MiB<extra></extra>",
+                )
+            )
+            base = base + height
+    return out
