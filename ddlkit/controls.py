@@ -2,24 +2,30 @@
 the state every rank applies (``ddlkit.rank.sync`` makes the ranks agree on
 the step).
 
-Rank-keyed maps (``slowdown={1: 3.0}``) travel as JSON, whose keys are
-strings: :func:`to_json` and :func:`from_json` are the one place that converts.
+Besides the controls every run has (:data:`CONTROLS`), a strategy's knobs
+marked ``live`` (``ddlkit.knobs.Knob``) are controls of its runs; they travel
+nested under ``"knobs"``. Rank-keyed maps (``slowdown={1: 3.0}``) travel as
+JSON, whose keys are strings: :func:`to_json` and :func:`from_json` are the one
+place that converts.
 
 >>> check({"lr": 0.01, "slowdown": {1: 3.0}})
 >>> check({"lr": -1})
 Traceback (most recent call last):
 ...
 ValueError: control lr=-1 is invalid: it must be a positive number
+>>> to_json({"slowdown": {1: 3.0}, "fraction": 0.2})
+{'slowdown': {'1': 3.0}, 'knobs': {'fraction': 0.2}}
 >>> from_json(to_json({"slowdown": {1: 3.0}}))
 {'slowdown': {1: 3.0}}
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .knobs import is_number, positive_number
+from .knobs import Knob, is_number, positive_number
 
 # What Run.control accepts, with a check and the same in words for each value.
 CONTROLS = {
@@ -34,19 +40,34 @@ CONTROLS = {
 RANK_KEYED = ("slowdown",)
 
 
-def check(changes: dict[str, Any]) -> None:
-    """Raise a ValueError naming the control, the value and what is valid."""
+def check(changes: dict[str, Any], live_knobs: Sequence[Knob] = ()) -> None:
+    """Raise a ValueError naming the control, the value and what is valid;
+    ``live_knobs`` are the run's strategy's knobs that may change live."""
+    knobs = {knob.name: knob for knob in live_knobs}
     for name, value in changes.items():
+        if name in knobs:
+            message = knobs[name].problem(value)
+            if message is not None:
+                raise ValueError(f"control {message}")
+            continue
         if name not in CONTROLS:
-            raise ValueError(f"control {name!r} is unknown: valid controls are {sorted(CONTROLS)}")
+            raise ValueError(f"control {name!r} is unknown: valid controls are {sorted([*CONTROLS, *knobs])}")
         valid, words = CONTROLS[name]
         if not valid(value):
             raise ValueError(f"control {name}={value!r} is invalid: it must be {words}")
 
 
 def to_json(changes: dict[str, Any]) -> dict[str, Any]:
-    """Rank keys as strings, for JSON."""
-    return {k: {str(r): f for r, f in v.items()} if k in RANK_KEYED else v for k, v in changes.items()}
+    """For JSON: rank keys as strings, a strategy's knobs nested under ``"knobs"``."""
+    wire: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in RANK_KEYED:
+            wire[name] = {str(r): f for r, f in value.items()}
+        elif name in CONTROLS:
+            wire[name] = value
+        else:
+            wire.setdefault("knobs", {}).update(value if name == "knobs" else {name: value})
+    return wire
 
 
 def from_json(changes: dict[str, Any]) -> dict[str, Any]:
@@ -63,11 +84,13 @@ class Controls:
     paused: bool = False
     stop: bool = False
     slowdown: dict[int, float] = field(default_factory=dict)
+    knobs: dict[str, Any] = field(default_factory=dict)  # the strategy's live knobs changed so far
     next_sync: int = 0  # the step of the next agreement
 
     def slowdown_of(self, rank: int) -> float:
         return float(self.slowdown.get(rank, 1.0))
 
     def changed_since(self, old: Controls) -> dict[str, Any]:
-        """The controls whose value differs from ``old``'s."""
-        return {name: getattr(self, name) for name in CONTROLS if getattr(self, name) != getattr(old, name)}
+        """The controls whose value differs from ``old``'s (knobs flat, by name)."""
+        changed = {name: getattr(self, name) for name in CONTROLS if getattr(self, name) != getattr(old, name)}
+        return changed | {name: v for name, v in self.knobs.items() if old.knobs.get(name, object()) != v}

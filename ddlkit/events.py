@@ -81,6 +81,7 @@ class ControlRequest(Event):
     paused: NotRequired[bool]
     stop: NotRequired[bool]
     slowdown: NotRequired[dict[str, float]]
+    knobs: NotRequired[dict[str, Any]]  # a strategy's live knobs, by name
 
 
 class Control(ControlRequest):

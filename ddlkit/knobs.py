@@ -38,7 +38,8 @@ class Widget:
 
 @dataclass(frozen=True)
 class Knob:
-    """One config field: name, default, check, the check in words, widget, help."""
+    """One config field: name, default, check, the check in words, widget, help,
+    and whether it can change live."""
 
     name: str
     default: Any
@@ -46,6 +47,7 @@ class Knob:
     valid: str
     widget: Widget | None = None
     help: str = ""
+    live: bool = False  # may change while the run goes on (``Run.control``), applied at a step all ranks agree on
 
     def problem(self, value: Any) -> str | None:
         """The error message for ``value``, or None if it is valid."""
@@ -60,6 +62,7 @@ def integer(
     help: str,
     up_to: int = 1_000_000,
     allow_none: bool = False,
+    live: bool = False,
 ) -> Knob:
     """An integer knob ``>= low`` (or None, with ``allow_none``); ``label`` None: no widget.
 
@@ -69,24 +72,27 @@ def integer(
     valid = ("None or " if allow_none else "") + ("a positive integer" if low == 1 else f"an integer >= {low}")
     check: Callable[[Any], bool] = lambda value: is_int(value) and value >= low  # noqa: E731
     widget = Widget("int", label, low, up_to) if label is not None else None
-    return Knob(name, default, optional(check) if allow_none else check, valid, widget, help)
+    return Knob(name, default, optional(check) if allow_none else check, valid, widget, help, live)
 
 
-def number(name: str, default: float, low: float, label: str | None, help: str, up_to: float = 1e6) -> Knob:
+def number(
+    name: str, default: float, low: float, label: str | None, help: str, up_to: float = 1e6, live: bool = False
+) -> Knob:
     """A finite number knob ``>= low``; ``label`` None: no widget."""
     widget = Widget("float", label, low, up_to) if label is not None else None
-    return Knob(name, default, lambda value: is_number(value) and value >= low, f"a number >= {low:g}", widget, help)
+    check: Callable[[Any], bool] = lambda value: is_number(value) and value >= low  # noqa: E731
+    return Knob(name, default, check, f"a number >= {low:g}", widget, help, live)
 
 
-def choice(name: str, default: Any, options: Sequence[Any], label: str, help: str) -> Knob:
+def choice(name: str, default: Any, options: Sequence[Any], label: str, help: str, live: bool = False) -> Knob:
     """A knob that takes one of ``options``."""
     widget = Widget("choice", label, options=tuple(options))
-    return Knob(name, default, one_of(options), f"one of {list(options)}", widget, help)
+    return Knob(name, default, one_of(options), f"one of {list(options)}", widget, help, live)
 
 
-def flag(name: str, default: bool, label: str | None, help: str) -> Knob:
+def flag(name: str, default: bool, label: str | None, help: str, live: bool = False) -> Knob:
     """A True/False knob; ``label`` None: no widget."""
-    return Knob(name, default, boolean, "True or False", Widget("bool", label) if label is not None else None, help)
+    return Knob(name, default, boolean, "True or False", Widget("bool", label) if label else None, help, live)
 
 
 def is_int(value: Any) -> bool:

@@ -64,8 +64,11 @@ class NoisyAverage(Strategy):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    def on_knobs(self, changed: dict[str, Any]) -> None:
+        self.noise = changed.get("gradient_noise", self.noise)  # live, at the step every rank agreed on
 
-NOISE = number("gradient_noise", 0.0, 0.0, "gradient noise", "std of the Gaussian noise added to averaged gradients")
+
+NOISE = number("gradient_noise", 0.0, 0.0, "gradient noise", "std of Gaussian noise on averaged gradients", live=True)
 register(
     StrategySpec(
         "noisy",
@@ -116,3 +119,27 @@ def test_it_runs_end_to_end_and_without_noise_equals_data_parallel(runs_dir):
     assert {"memory", "comm"} <= {e["type"] for e in noisy.events}  # the loop measured it like any strategy
     mine, theirs = noisy.result().state_dict, data.result().state_dict
     assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-6
+
+
+def test_its_live_knob_changes_at_the_same_step_on_every_rank(runs_dir):
+    cfg = ddlkit.RunConfig(
+        strategy="noisy", world_size=2, steps=100_000, batch_size=8, device="cpu", run_dir=runs_dir, hang_timeout=60
+    )
+    run = ddlkit.launch(cfg, echo=False)
+    deadline = time.time() + 60
+    while run.steps_done < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(ValueError, match=r"control gradient_noise=-1 is invalid: it must be a number >= 0"):
+        run.control(gradient_noise=-1)
+    with pytest.raises(ValueError, match=r"valid controls are \[.*'gradient_noise'.*\]"):
+        run.control(gradient_nois=0.5)
+    run.control(gradient_noise=0.5)
+    while not any(e["type"] == "control" for e in run.events) and time.time() < deadline:
+        time.sleep(0.05)
+    run.stop()
+    (applied,) = [e for e in run.events if e["type"] == "control" and "knobs" in e]
+    assert applied["knobs"] == {"gradient_noise": 0.5}
+    rows = run.metrics
+    for rank in (0, 1):  # every rank switched at the step rank 0 reported
+        mine = rows[rows["rank"] == rank].set_index("step")["gradient_noise"]
+        assert (mine.loc[: applied["step"] - 1] == 0.0).all() and (mine.loc[applied["step"] :] == 0.5).all()

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import IO, Any
 
-from .. import controls
+from .. import controls, registry
 from .intake import Arrival, Intake
 from .ranks import RankState, failure_report, kill_group, signal_process
 from .records import RunLog
@@ -78,6 +78,11 @@ class Supervisor:
         self.stop_requested = True
 
     def control(self, changes: dict[str, Any]) -> None:
+        config = self.restarts.config
+        controls.check(changes, [k for k in registry.get(config.strategy).knobs if k.live] if config else [])
+        for rank in changes.get("slowdown", {}):
+            if not 0 <= rank < self.run.world_size:
+                raise ValueError(f"slowdown rank {rank} is invalid: valid ranks are 0..{self.run.world_size - 1}")
         if changes.get("paused") is False:  # time spent paused is not a hang
             for state in self.ranks:
                 state.progress_at = time.time()

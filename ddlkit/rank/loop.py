@@ -33,7 +33,7 @@ from .memory import MEMORY_STEP, MemoryMeter
 from .reporter import Reporter
 from .stragglers import Straggler
 from .strategy import RankContext, StepStats, Strategy, make_optimizer
-from .sync import ControlSync, follow_lr
+from .sync import ControlSync
 
 
 def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, checkpointed: bool) -> dict[
         live = ctx.controls.at_step(step)  # the same on every lockstep rank, at the same step
         if live.stop:
             break
-        ctx.lr = follow_lr(live, ctx.lr, strategy.set_lr)
+        ctx.follow(live, strategy)
         step_start = time.perf_counter()
         index = ctx.shard.indices(step)
         inputs = ctx.dataset.inputs[index].to(ctx.device)

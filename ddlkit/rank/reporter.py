@@ -161,6 +161,7 @@ class Reporter:
                 return
             if message.get("type") == "control":
                 changes = from_json({k: v for k, v in message.items() if k != "type"})
-                self._controls = {**self._controls, **changes}
+                knobs = {**self._controls.get("knobs", {}), **changes.pop("knobs", {})}
+                self._controls = {**self._controls, **changes, "knobs": knobs}
                 self._control_version += 1
                 self._control_changed.set()

@@ -83,11 +83,21 @@ class RankContext:
         self.straggled = True
         return self.straggler.delay(self.controls.current, work_started)
 
-    def tick(self, step: int, set_lr: Callable[[float], None]) -> Controls:
-        """For a serving loop: the controls in force at its tick ``step`` (the
-        learning rate applied through ``set_lr``), faults fired, progress told."""
+    def follow(self, live: Controls, strategy: Strategy) -> None:
+        """Apply what changed in this step's controls: the learning rate, and the
+        strategy's live knobs (set on ``cfg``, then ``strategy.on_knobs``)."""
+        self.lr = follow_lr(live, self.lr, strategy.set_lr)
+        changed = {name: value for name, value in live.knobs.items() if getattr(self.cfg, name) != value}
+        for name, value in changed.items():
+            setattr(self.cfg, name, value)
+        if changed:
+            strategy.on_knobs(changed)
+
+    def tick(self, step: int, strategy: Strategy) -> Controls:
+        """For a serving loop: the controls in force at its tick ``step`` (applied
+        as :meth:`follow` does), faults fired, progress told."""
         live = self.controls.at_step(step)
-        self.lr = follow_lr(live, self.lr, set_lr)
+        self.follow(live, strategy)
         if step in self.faults:
             inject_fault(self.faults.pop(step), step)
         self.reporter.last_step = step
@@ -127,6 +137,10 @@ class Strategy(Protocol):
 
     def finish(self, ctx: RankContext) -> dict[str, Any]:
         return {}
+
+    def on_knobs(self, changed: dict[str, Any]) -> None:
+        """Live knobs changed (already set on ``cfg``): act on them if reading ``cfg`` later is not enough."""
+        return None
 
 
 def make_optimizer(cfg: RunConfig) -> OptimizerFactory:

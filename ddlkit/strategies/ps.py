@@ -103,7 +103,7 @@ class ParameterServer(Strategy):
         server = ServerState(self, ctx)
         message = torch.empty(PUSH_HEADER + sum(p.numel() for p in self.shards[self.rank]))
         while len(server.done) < len(self.workers):  # a stop reaches the workers; each then says it is done
-            ctx.tick(server.version, self.set_lr)  # live lr, faults, progress for the hang detector
+            ctx.tick(server.version, self)  # live lr, faults, progress for the hang detector
             wait_from = time.perf_counter()
             src = dist.recv(message)  # any worker: one message at a time, in arrival order
             server.idle_s += time.perf_counter() - wait_from

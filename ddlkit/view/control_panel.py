@@ -15,6 +15,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from .. import registry
 from ..config import RunConfig
 from ..kernel.launch import launch
 from ..kernel.run import Run
@@ -185,6 +186,9 @@ class ControlPanel:
         widget.observe(lambda _: self._validate(), "value")
         if name in ("world_size", "strategy"):
             widget.observe(lambda _: self._relayout(), "value")
+        knob = registry.knob(name)
+        if knob is not None and knob.live:
+            widget.observe(lambda _: self._send_knob(name), "value")
         widget.add_class(f"ddlkit-{name}")  # a handle for browser tests and custom CSS
         self.fields[name], self.hints[name] = widget, hint
 
@@ -231,6 +235,15 @@ class ControlPanel:
         if change and 0 <= self.slow_rank.value < self.run.world_size:
             self.run.control(slowdown=change)
             self._slowdown_sent = self._slowdown()
+
+    def _send_knob(self, name: str) -> None:
+        """A live knob changed while a run goes: the run takes it at a step (or round) all ranks agree on."""
+        if self.run is None or not self.run.live:
+            return
+        try:
+            self.run.control(**{name: fields.value_of(self.hints[name], self.fields[name])})
+        except (ValueError, RuntimeError) as error:  # invalid, or the run ended meanwhile
+            self._show_error(f"not changed: {error}")
 
     def _lr_moved(self, change: dict[str, Any]) -> None:
         """While a run goes, the slider steers its learning rate: sent at once if

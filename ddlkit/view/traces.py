@@ -3,8 +3,8 @@ control markers), throughput, the time breakdown, speedup and memory, as plain
 dicts (plotly's validation of trace objects would cost more than the rest of a
 refresh).
 
->>> marker_label({"type": "control", "step": 3, "lr": 0.01, "paused": True})
-'lr=0.01, paused'
+>>> marker_label({"type": "control", "step": 3, "lr": 0.01, "paused": True, "knobs": {"fraction": 0.2}})
+'lr=0.01, paused, fraction=0.2'
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ def loss(x_of: str) -> TraceFunction:
 
 
 def marker_label(event: dict[str, Any]) -> str:
-    """'lr=0.01', 'paused', 'resumed', 'stop', 'slowdown {1: 3.0}'."""
+    """'lr=0.01', 'paused', 'resumed', 'stop', 'slowdown {1: 3.0}', and a
+    strategy's live knobs ('fraction=0.2')."""
     parts = []
-    for name, value in event.items():
-        if name not in CONTROLS:  # type, rank, time, step, attempt, ...: not a change
-            continue
+    changes = {**{k: v for k, v in event.items() if k in CONTROLS}, **event.get("knobs", {})}  # not type, step, ...
+    for name, value in changes.items():
         if name == "paused":
             parts.append("paused" if value else "resumed")
         elif name == "stop":
