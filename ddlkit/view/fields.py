@@ -4,7 +4,7 @@
 
 >>> from ddlkit.config import RunConfig
 >>> [name for name, _ in fields_of(RunConfig(strategy="ps"))]
-['servers', 'sync', 'staleness_bound', 'staleness_lr']
+['servers', 'sync', 'staleness_bound']
 """
 
 from __future__ import annotations
