@@ -143,7 +143,7 @@ class ControlPanel:
         self._slowdown_sent = dict(config.slowdown or {})
         self._show_error(None)
         self._lr_sent = config.lr
-        self.progress.max, self.progress.value = config.steps, 0
+        self.progress.max, self.progress.value = registry.get(config.strategy).length(config), 0
         self.run = launch(config, echo=False)
         self.pause_button.description, self.pause_button.icon = "Pause", "pause"
         self._set_buttons(live=True)
