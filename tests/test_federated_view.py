@@ -105,3 +105,17 @@ def test_small_alpha_is_more_skewed_than_large_and_shards_give_exactly_k_labels(
         parts = partition.split(labels, 20, "shards", shards_per_client=per_client, seed=0)
         table = partition.label_table(labels, parts)
         assert (np.count_nonzero(table, axis=1) == per_client).all()
+
+
+def test_the_control_panel_wraps_the_federated_knobs_and_counts_rounds():
+    panel = ddlkit.ControlPanel(ddlkit.RunConfig(strategy="federated", world_size=3, rounds=40, device="cpu"))
+    shown = [widget.description for widget in panel.knob_box.children]
+    assert panel.knob_box.layout.flex_flow == "row wrap"  # ~20 knobs in rows, not one line 4,000 px wide
+    assert {"clients", "fraction C", "rounds", "local epochs E", "local batch B (0: all)", "algorithm", "mu (fedprox)",
+            "server optimizer", "partition", "alpha (dirichlet)", "devices", "deadline s (0: none)", "dropout",
+            "secure aggregation", "DP noise multiplier", "DP clip"} <= set(shown)  # fmt: skip
+    panel.fields["local_batch"].value = 0  # the widget's 0 is None: the whole client data (FedSGD)
+    assert panel.config().local_batch is None and panel.check() is None
+    panel.fields["clients"].value = 1
+    assert "clients=1 is invalid with world_size=3" in panel.status.value and panel.run_button.disabled
+    assert ddlkit.registry.get("federated").length(panel.config()) == 40  # the progress bar ends at the last round
