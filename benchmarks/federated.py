@@ -13,7 +13,7 @@ final held-out accuracy of each; the ratio of rounds per second. Accuracy
 must agree within noise (both sample their own clients with their own
 seeds, so the curves differ round to round).
 
-    python benchmarks/federated.py [--rounds 30] [--epochs 1]
+    python benchmarks/federated.py [--rounds 20] [--epochs 5]
 
 Flower is optional (``pip install -e .[peers]``); without it only ddlkit's
 numbers are printed, with a line saying what is missing.
@@ -32,6 +32,7 @@ from ddlkit.data import held_out_split, load_dataset, subset
 from ddlkit.models import build_model, loss_fn
 
 CLIENTS, FRACTION, BATCH, LR, HIDDEN, SEED = 100, 0.1, 10, 0.1, 64, 0
+NOISE = 0.05  # accuracy gap that two runs sampling different clients show after convergence
 
 
 def config(rounds: int, epochs: int) -> ddlkit.RunConfig:
@@ -113,8 +114,8 @@ def run_flower(rounds: int, epochs: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     results = {"ddlkit": run_ddlkit(args.rounds, args.epochs)}
     try:
@@ -130,7 +131,11 @@ def main() -> None:
     if "flower" in results:
         ratio = results["ddlkit"]["rounds_per_s"] / results["flower"]["rounds_per_s"]
         gap = abs(results["ddlkit"]["accuracy"] - results["flower"]["accuracy"])
-        print(f"ddlkit / flower rounds per second: {ratio:.1f}x; accuracy gap {gap:.3f}")
+        print(f"ddlkit / flower rounds per second: {ratio:.1f}x (aim: >= 2x)")
+        print(
+            f"final accuracy gap {gap:.3f}: {'the same within noise' if gap < NOISE else 'MORE than noise'} "
+            f"(noise: {NOISE}, each samples its own clients)"
+        )
 
 
 if __name__ == "__main__":
