@@ -22,7 +22,10 @@ numbers are printed, with a line saying what is missing.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -108,8 +111,32 @@ def run_flower(rounds: int, epochs: int) -> dict[str, float]:
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
     run_simulation(server_app=server, client_app=client, num_supernodes=CLIENTS, backend_config=backend)
     wall = time.perf_counter() - started
+    wait_for_ray_to_end()
     training = stamps[-1] - stamps[0]  # evaluate_fn runs before the first round and after each
     return {"wall_s": wall, "rounds_per_s": rounds / training, "accuracy": accuracy[-1]}
+
+
+def ray_processes() -> list[int]:
+    """Ray's actors and daemons (their command lines start with 'ray::' or name raylet / gcs_server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::") or b"raylet" in cmdline or b"gcs_server" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for_ray_to_end(limit_s: float = 90.0) -> None:
+    """Flower shuts Ray down when the simulation ends; its actors take some seconds to exit. Nothing may stay."""
+    deadline = time.time() + limit_s
+    while ray_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in ray_processes():  # still there after the limit: ours, from this simulation
+        os.kill(pid, signal.SIGKILL)
+        print(f"killed Ray process {pid}, left {limit_s:.0f} s after the simulation ended")
 
 
 def main() -> None:
