@@ -13,6 +13,7 @@ import torch
 import ddlkit
 from ddlkit import RunConfig, partition
 from ddlkit.data import load_dataset
+from ddlkit.strategies.fedplan import combine, server_update
 
 BASE = RunConfig(
     strategy="federated",
@@ -57,8 +58,7 @@ def test_fedsgd_is_full_batch_gradient_descent_on_the_union_of_uneven_clients(ru
     """Every client every round, one full-batch step (E=1, B=None): the
     sample-weighted mean of the client updates is one gradient step on all the
     data. Dirichlet clients are uneven, so weighting by samples is what makes it
-    equal (the unweighted mean is measurably off), and the result does not
-    depend on how many ranks simulate the clients."""
+    equal, and the result does not depend on how many ranks simulate the clients."""
     fedsgd = BASE.replace(fraction=1.0, local_epochs=1, local_batch=None, partition="dirichlet", alpha=0.3)
     sizes = [len(p) for p in partition.of_config(fedsgd)[1]]
     assert max(sizes) > 3 * min(sizes) and sum(sizes) == DIGITS
@@ -76,6 +76,22 @@ def test_fedsgd_is_full_batch_gradient_descent_on_the_union_of_uneven_clients(ru
     assert {c["rank"] for c in clients} == {1, 2}  # the client ranks report their clients, the server does not
     # the loss the server logs per round is the clients' loss weighted by their samples: the full-batch loss
     assert abs(three.metrics["loss"].iloc[0] - single.metrics["loss"].iloc[0]) < 1e-5
+
+
+def test_the_server_weights_client_updates_by_their_samples():
+    """Rows are [samples * update, samples]: the update is the sample-weighted
+    mean, in any arrival order; with DP the sum gets noise and is divided by the
+    expected number of clients instead."""
+    updates = {4: (torch.tensor([1.0, 0.0]), 10), 9: (torch.tensor([0.0, 1.0]), 30)}
+    rows = {
+        c: torch.cat([u.double() * n, torch.tensor([float(n)], dtype=torch.float64)]) for c, (u, n) in updates.items()
+    }
+    total = combine(rows, [], secure=False, size=2)
+    assert server_update(BASE, total, round_=0, size=2).tolist() == [0.25, 0.75]  # not the unweighted [0.5, 0.5]
+    assert torch.equal(combine(dict(reversed(list(rows.items()))), [], False, 2), total)
+    noisy = BASE.replace(dp_noise_multiplier=1.0, fraction=0.5)  # 12 clients: 6 expected
+    assert not torch.allclose(server_update(noisy, total, 0, 2), total[:2] / 6)
+    assert torch.equal(server_update(noisy, total, 0, 2), server_update(noisy, total, 0, 2))  # seeded by round
 
 
 def test_fedavg_with_one_client_is_single_on_its_data(runs_dir):
