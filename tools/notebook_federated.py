@@ -57,9 +57,9 @@ FedAvg from 0.05 to 0.4), each the fastest to 80 %: both sides get their best.""
     (
         "code",
         """settings = {
-    ("FedSGD", "IID"): dict(partition="iid", local_epochs=1, local_batch=None, lr=0.6, rounds=80),
+    ("FedSGD", "IID"): dict(partition="iid", local_epochs=1, local_batch=None, lr=0.6, rounds=70),
     ("FedAvg", "IID"): dict(partition="iid", local_epochs=5, local_batch=10, lr=0.3, rounds=25),
-    ("FedSGD", "non-IID"): dict(partition="shards", local_epochs=1, local_batch=None, lr=0.3, rounds=80),
+    ("FedSGD", "non-IID"): dict(partition="shards", local_epochs=1, local_batch=None, lr=0.3, rounds=70),
     ("FedAvg", "non-IID"): dict(partition="shards", local_epochs=5, local_batch=10, lr=0.4, rounds=25),
 }
 runs = {key: ddlkit.launch(base.replace(**changes), echo=False) for key, changes in settings.items()}
