@@ -8,7 +8,7 @@ sends, and the kernel adds ``attempt`` when it records.
 >>> Checkpoint(type="checkpoint", step=40, path="runs/x/checkpoints/step-000040")["step"]
 40
 >>> sorted(TYPES)[:3]
-['beat', 'checkpoint', 'comm']
+['beat', 'checkpoint', 'client']
 """
 
 # No `from __future__ import annotations`: TypedDict reads NotRequired from evaluated annotations.
