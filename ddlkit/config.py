@@ -95,6 +95,9 @@ class RunConfig:
     slowdown: dict[int, float] | None = None
     delay_s: dict[int, float] | None = None
     delay_jitter_s: float = 0.0
+    # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
+    # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
+    eval_every: int | None = None
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})
@@ -134,9 +137,8 @@ class RunConfig:
         for name in ("world_size", "steps", "batch_size", "log_every", "hidden", "seq_len", "keep_checkpoints"):
             require(problem(name, getattr(self, name), positive_int, "a positive integer"))
         require(problem("threads", self.threads, optional(positive_int), "a positive integer (or None: cores / ranks)"))
-        require(
-            problem("checkpoint_every", self.checkpoint_every, optional(positive_int), "a positive integer (or None)")
-        )
+        for name in ("checkpoint_every", "eval_every"):
+            require(problem(name, getattr(self, name), optional(positive_int), "a positive integer (or None)"))
         require(
             problem(
                 "max_restarts", self.max_restarts, non_negative_int, "an integer >= 0 (0: a failed rank fails the run)"
