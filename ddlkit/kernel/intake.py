@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from .. import channel
 from ..channel import ChannelServer
+from ..files import open_private
 
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 TAIL_LINES = 50  # per rank, for the failure report
@@ -49,7 +50,7 @@ class Intake:
         self.outputs = dict(outputs)
         self.tails = {rank: deque(maxlen=TAIL_LINES) for rank in outputs}
         self._partial = {rank: b"" for rank in outputs}
-        self._logs = {rank: open(self.folder / f"rank{rank}.log", "ab") for rank in outputs}
+        self._logs = {rank: open_private(self.folder / f"rank{rank}.log", "ab") for rank in outputs}
         for rank, stream in outputs.items():
             os.set_blocking(stream.fileno(), False)
             self.selector.register(stream, selectors.EVENT_READ, partial(self._read_output, rank))

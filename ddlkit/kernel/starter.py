@@ -26,6 +26,7 @@ from torch.distributed import TCPStore
 
 from ..channel import ChannelServer
 from ..config import RunConfig
+from ..files import set_file_mode
 from .ranks import ForkedProcess, RankState, WorkerProcess
 
 
@@ -55,6 +56,7 @@ class Starter:
         self.config = config or self.config
         if self.config is not None:
             self.config.save(self.path / "config.json")  # what a later resume of this folder runs
+            set_file_mode(self.path / "config.json")
             argv = [sys.executable, "-m", "ddlkit.worker", str(self.path / "config.json")]
         else:
             argv = [sys.executable, "-m", "ddlkit.worker", "--function", self.spawn_name or ""]
