@@ -24,7 +24,7 @@ def test_right_token_is_admitted_and_messages_flow_both_ways():
     assert server.address[0] == "127.0.0.1"
     box = {}
     thread = _connect_in_thread(server.address, server.token, 3, box)
-    rank, kernel_end = server.accept()
+    rank, kernel_end = server.accept(timeout=10)
     thread.join()
     assert rank == 3
     channel.send(box["conn"], {"type": "step", "loss": 0.5})
@@ -40,7 +40,7 @@ def test_wrong_token_is_refused():
     server = channel.ChannelServer(channel.new_token())
     box = {}
     thread = _connect_in_thread(server.address, channel.new_token(), 0, box)
-    assert server.accept() is None
+    assert server.accept(timeout=1) is None
     thread.join()
     server.close()
 
@@ -52,7 +52,7 @@ def test_tensors_and_numpy_numbers_are_sent_as_numbers():
     server = channel.ChannelServer(channel.new_token())
     box = {}
     thread = _connect_in_thread(server.address, server.token, 0, box)
-    _, kernel_end = server.accept()
+    _, kernel_end = server.accept(timeout=10)
     thread.join()
     channel.send(box["conn"], {"loss": torch.tensor(1.5), "acc": np.float32(0.25)})
     assert channel.recv(kernel_end) == {"loss": 1.5, "acc": 0.25}

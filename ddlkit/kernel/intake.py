@@ -100,16 +100,15 @@ class Intake:
 
     # ---- reading ----------------------------------------------------------
     def _accept(self, _arrived: list[Arrival]) -> None:
-        accepted = self.server.accept()
-        if accepted is None:
-            return
-        rank, conn = accepted
-        if not 0 <= rank < self.world_size or rank in self.connections:
-            conn.close()
-            return
-        self.connections[rank] = conn
-        self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
-        self.on_connect(rank)
+        # Only authenticated ranks arrive here: the server handshakes on a thread of its own.
+        while (accepted := self.server.accept()) is not None:
+            rank, conn = accepted
+            if not 0 <= rank < self.world_size or rank in self.connections:
+                conn.close()
+                continue
+            self.connections[rank] = conn
+            self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
+            self.on_connect(rank)
 
     def _read_events(self, rank: int, arrived: list[Arrival]) -> None:
         conn = self.connections[rank]

@@ -25,7 +25,8 @@ from ..runid import new_run_id
 from .restarts import Restarts
 from .resume import continue_run, resume_folder
 from .run import Run
-from .starter import Rendezvous, Starter
+from .starter import Starter
+from .store import Rendezvous
 from .supervisor import Supervisor
 
 
