@@ -78,8 +78,7 @@ class ChannelServer:
         self._ready: queue.Queue[tuple[int, Connection]] = queue.Queue()
         self._bell_read, self._bell_write = socket.socketpair()  # one byte per ready connection
         self._stop_read, self._stop_write = socket.socketpair()
-        self._pending: dict[socket.socket, _Handshake] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[socket.socket, _Handshake] = {}  # only the handshake thread touches it
         self._thread = threading.Thread(target=self._handshakes, name="ddlkit-channel-handshakes", daemon=True)
         self._thread.start()
 
@@ -93,11 +92,11 @@ class ChannelServer:
         return self._bell_read.fileno()
 
     def fds(self) -> list[int]:
-        """Every descriptor the server holds (a forked worker closes them)."""
-        with self._lock:
-            pending = [sock.fileno() for sock in self._pending]
+        """The descriptors the server holds for the whole run (a forked worker
+        closes them; one of a passing connection may be closed and its number
+        reused meanwhile, so those are not listed)."""
         own = (self._sock, self._bell_read, self._bell_write, self._stop_read, self._stop_write)
-        return [sock.fileno() for sock in own] + pending
+        return [sock.fileno() for sock in own]
 
     def accept(self, timeout: float = 0.0) -> tuple[int, Connection] | None:
         """The next authenticated (rank, connection), waiting up to ``timeout``
@@ -125,8 +124,7 @@ class ChannelServer:
             selector.register(self._sock, selectors.EVENT_READ)
             selector.register(self._stop_read, selectors.EVENT_READ)
             while True:
-                with self._lock:
-                    first = min((h.deadline for h in self._pending.values()), default=None)
+                first = min((h.deadline for h in self._pending.values()), default=None)
                 for key, _ in selector.select(None if first is None else max(0.0, first - time.monotonic())):
                     if key.fileobj is self._stop_read:
                         for sock in list(self._pending):
@@ -152,15 +150,16 @@ class ChannelServer:
             sock.close()
             return
         sock.setblocking(False)
-        with self._lock:
-            self._pending[sock] = _Handshake(nonce, time.monotonic() + HANDSHAKE_TIMEOUT_S)
-            oldest = next(iter(self._pending)) if len(self._pending) > MAX_PENDING else None
+        self._pending[sock] = _Handshake(nonce, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+        oldest = next(iter(self._pending)) if len(self._pending) > MAX_PENDING else None
         selector.register(sock, selectors.EVENT_READ)
         if oldest is not None:  # bounded: a flood of silent peers costs at most MAX_PENDING sockets
             self._drop(selector, oldest)
 
     def _read(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
-        handshake = self._pending[sock]
+        handshake = self._pending.get(sock)
+        if handshake is None:  # dropped earlier in the same round (the oldest, over MAX_PENDING)
+            return
         try:
             data = sock.recv(_ANSWER.size - len(handshake.answer))
         except BlockingIOError:
@@ -178,16 +177,14 @@ class ChannelServer:
             self._drop(selector, sock)
             return
         selector.unregister(sock)
-        with self._lock:
-            del self._pending[sock]
+        del self._pending[sock]
         sock.setblocking(True)
         self._ready.put((_RANK.unpack(rank_bytes)[0], Connection(sock.detach())))
         self._bell_write.send(b"\0")
 
     def _drop(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
         selector.unregister(sock)
-        with self._lock:
-            del self._pending[sock]
+        del self._pending[sock]
         sock.close()
 
 

@@ -54,11 +54,9 @@ class Relay:
         return self._doorman.refused
 
     def fds(self) -> list[int]:
-        """Every descriptor the relay holds (a forked worker closes them)."""
-        with self._lock:
-            pairs = list(self._pairs)
-        fds = [self._listener.fileno(), self._wake_read.fileno(), self._wake_write.fileno()]
-        return fds + [s.fileno() for pair in pairs for s in (pair.front, pair.back)]
+        """The descriptors the relay holds for the whole run (a forked worker
+        closes them; relayed connections come and go, so are not listed)."""
+        return [self._listener.fileno(), self._wake_read.fileno(), self._wake_write.fileno()]
 
     def close(self) -> None:
         """Stop accepting and end every relayed connection."""
