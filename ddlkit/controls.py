@@ -38,6 +38,8 @@ CONTROLS = {
     ),
 }
 RANK_KEYED = ("slowdown",)
+# A followed run's controls (ddlkit.follow): every change so far, as JSON, with a rising "sequence".
+CONTROL_FILE = "control.json"
 
 
 def check(changes: dict[str, Any], live_knobs: Sequence[Knob] = ()) -> None:

@@ -4,6 +4,7 @@ for two nodes, equal to the single-node run, with nothing left afterwards."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def agents(tmp_path):
 
 
 def small(strategy: str = "data", **extra) -> RunConfig:
-    return RunConfig(strategy=strategy, world_size=4, steps=6, batch_size=8, hidden=16, device="cpu", **extra)
+    fields = {"world_size": 4, "steps": 6, "batch_size": 8, "hidden": 16, "device": "cpu", **extra}
+    return RunConfig(strategy=strategy, **fields)
 
 
 def the_folder(runs: Path) -> Path:
@@ -45,18 +47,44 @@ def assert_same_weights(a: dict, b: dict, tolerance: float = 1e-5) -> None:
     assert worst < tolerance, worst
 
 
-def test_two_torchrun_agents_make_one_exact_4_rank_data_run(agents, tmp_path, runs_dir):
-    cfg = small()
+def until(condition, timeout: float, what: str, agents: Agents) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{agents.logs()}"
+        time.sleep(0.05)
+
+
+def test_two_torchrun_agents_make_one_exact_4_rank_data_run_followed_and_steered_live(agents, tmp_path, runs_dir):
+    """2 agents x 2 ranks: one folder with 4 rank logs, followed while it runs
+    (paused and resumed through the control file), weights equal to ddlkit's own
+    4-process run."""
+    cfg = small(steps=40, delay_s={0: 0.1})  # rank 0 waits 0.1 s a step, so the run is seen live (weights unchanged)
     cfg.save(tmp_path / "exp.yaml")
     for _node in range(2):
         agents.start(tmp_path / "exp.yaml", nnodes=2, nproc=2)
-    assert agents.wait(240) == [0, 0], agents.logs()
-    folder = the_folder(tmp_path / "runs")
+    until(lambda: (tmp_path / "runs").exists() and any((tmp_path / "runs").iterdir()), 120, "the run folder", agents)
+    run = ddlkit.follow(the_folder(tmp_path / "runs"), poll_s=0.05)
+    until(lambda: not run.metrics.empty and run.metrics["rank"].nunique() == 4, 120, "rows of all 4 ranks", agents)
+    assert run.live and run.world_size == 4
+    run.pause()
+    until(lambda: any(e["type"] == "control" and e.get("paused") for e in run.events), 60, "the pause", agents)
+    steps_seen = run.steps_done
+    time.sleep(1.0)
+    assert run.status == "running" and run.steps_done == steps_seen < 40  # paused and live
+    assert all(proc.poll() is None for proc in agents.procs)
+    run.resume()
+    assert run.wait(240).status == "done", agents.logs()
+    assert agents.wait(60) == [0, 0], agents.logs()
+    folder = run.path
     assert sorted(p.name for p in folder.glob("events-rank*.jsonl")) == [f"events-rank{r}.jsonl" for r in range(4)]
-    two_nodes = ddlkit.load_run(folder)
-    assert two_nodes.status == "done" and two_nodes.world_size == 4
-    assert sorted(two_nodes.metrics.groupby("rank")["step"].max().items()) == [(r, 5) for r in range(4)]
+    assert run.world_size == 4 and sorted(run.metrics.groupby("rank")["step"].max().items()) == [
+        (r, 39) for r in range(4)
+    ]
+    assert len(run.metrics) == 4 * 40  # every row once, though read while written
+    by_rank_step = ["rank", "step"]
+    read_after = ddlkit.load_run(folder).metrics.sort_values(by_rank_step, ignore_index=True)
+    assert read_after.equals(run.metrics.sort_values(by_rank_step, ignore_index=True))  # live read = read after
 
-    reference = ddlkit.launch(small(run_dir=runs_dir), echo=False).wait(240)
+    reference = ddlkit.launch(small(steps=40, run_dir=runs_dir), echo=False).wait(240)  # no delay: the same math
     one_node = torch.load(reference.path / "final_state.pt", weights_only=True)
-    assert_same_weights(two_nodes.result().state_dict, one_node)
+    assert_same_weights(run.result().state_dict, one_node)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..files import open_private, write_json
+from .follow import RankLogs, read_meta, status_of
 from .run import Run
 
 
@@ -59,9 +60,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a run folder (expected runs/<id>/)")
+    if not (path / "events.jsonl").exists():
+        return _load_rank_logs(path)
     meta = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
-    logs = [path / "events.jsonl"] if (path / "events.jsonl").exists() else sorted(path.glob("events-rank*.jsonl"))
-    events = [json.loads(line) for log in logs for line in log.read_text().splitlines() if line.strip()]
+    lines = (path / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines if line.strip()]
     events = [e for e in events if e.get("type") != "beat"]
     if "started" not in meta:
         events.sort(key=lambda e: e["time"])
@@ -72,8 +75,22 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     summary_path = path / "summary.json"
     if summary_path.exists():
         run.restore(json.loads(summary_path.read_text()))
-    else:  # the kernel that ran it ended first, or another launcher ran it
+    else:  # the kernel that ran it ended first
         ranks_done = {e["rank"] for e in events if e.get("type") == "finished"}
         status = "done" if ranks_done and len(ranks_done) == world_size else "stopped"
         run.restore(run.summarise(status, events[-1]["time"] if events else started))
+    return run
+
+
+def _load_rank_logs(path: Path) -> Run:
+    """A folder that ranks of another launcher wrote: their ``events-rank<r>.jsonl``, merged in time order."""
+    meta = read_meta(path)
+    events = [e for e in RankLogs(path).read() if e.get("type") != "beat"]
+    started = meta.get("started", events[0]["time"] if events else 0.0)
+    world_size = meta.get("world_size", len({e["rank"] for e in events if "rank" in e}))
+    run = Run(meta.get("id", path.name), path, world_size, started, meta)
+    run.record(events)
+    status, error = status_of(events, world_size)
+    summary = run.summarise(status or "stopped", events[-1]["time"] if events else started)
+    run.restore({**summary, "error": error} if error else summary)
     return run
