@@ -120,3 +120,52 @@ class Agents:
             time.sleep(0.1)
         assert tagged(self.tag) == [], f"processes of the torchrun agents left: {tagged(self.tag)}"
         assert port_is_free(self.port), f"rendezvous port {self.port} still in use"
+
+
+def ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+class Namespaces:
+    """Two network namespaces joined by a veth pair, 10.<x>.0.1 and .2: two
+    "nodes" with their own interfaces and addresses, so no rank of one can
+    reach the other through loopback."""
+
+    def __init__(self) -> None:
+        self.tag = "dk" + uuid.uuid4().hex[:6]
+        subnet = 16 + int(self.tag[2:4], 16) % 200
+        self.names = [f"{self.tag}-a", f"{self.tag}-b"]
+        self.veths = [f"{self.tag}-va", f"{self.tag}-vb"]
+        self.addresses = [f"10.{subnet}.0.1", f"10.{subnet}.0.2"]
+
+    def create(self) -> None:
+        steps = [
+            *(["netns", "add", name] for name in self.names),
+            ["link", "add", self.veths[0], "type", "veth", "peer", "name", self.veths[1]],
+        ]
+        for name, veth, address in zip(self.names, self.veths, self.addresses, strict=True):
+            steps += [
+                ["link", "set", veth, "netns", name],
+                ["-n", name, "addr", "add", f"{address}/24", "dev", veth],
+                ["-n", name, "link", "set", veth, "up"],
+                ["-n", name, "link", "set", "lo", "up"],
+            ]
+        for step in steps:
+            done = ip(*step)
+            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
+
+    def delete(self) -> None:
+        """Delete both namespaces (their veth ends go with them)."""
+        for name in self.names:
+            ip("netns", "del", name)
+
+    def assert_gone(self) -> None:
+        listed = ip("netns", "list").stdout
+        assert not any(name in listed for name in self.names), listed
+        assert self.tag not in ip("link", "show").stdout
+
+    def bytes_sent(self, node: int) -> int:
+        """Bytes that node's veth end has sent so far."""
+        path = f"/sys/class/net/{self.veths[node]}/statistics/tx_bytes"
+        done = subprocess.run(["ip", "netns", "exec", self.names[node], "cat", path], capture_output=True, text=True)
+        return int(done.stdout)

@@ -3,6 +3,8 @@ for two nodes, equal to the single-node run, with nothing left afterwards."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 
 import ddlkit
 from ddlkit import RunConfig
-from tests.nodes import Agents
+from tests.nodes import Agents, Namespaces
 
 
 def free_port() -> int:
@@ -86,5 +88,55 @@ def test_two_torchrun_agents_make_one_exact_4_rank_data_run_followed_and_steered
     assert read_after.equals(run.metrics.sort_values(by_rank_step, ignore_index=True))  # live read = read after
 
     reference = ddlkit.launch(small(steps=40, run_dir=runs_dir), echo=False).wait(240)  # no delay: the same math
+    one_node = torch.load(reference.path / "final_state.pt", weights_only=True)
+    assert_same_weights(run.result().state_dict, one_node)
+
+
+@pytest.fixture(scope="module")
+def namespaces():
+    """Two network namespaces and a veth pair (root only), deleted on every exit path."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip(f"network namespaces need root and iproute2 (uid {os.geteuid()}, ip: {shutil.which('ip')})")
+    nodes = Namespaces()
+    try:
+        nodes.create()
+        yield nodes
+    finally:
+        nodes.delete()
+        nodes.assert_gone()
+
+
+ACROSS_NODES = {
+    "hybrid": {"dp": 2, "tp": 2},  # ranks 0,1 on node 0 and 2,3 on node 1: tensor parallel within, dp across
+    "ps": {"sync": "bsp"},  # the server on rank 0, three workers: bsp is deterministic
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(ACROSS_NODES))
+def test_two_nodes_in_network_namespaces_equal_one_node(strategy, namespaces, agents, tmp_path, runs_dir):
+    """Each agent in its own namespace, gloo on its veth end (GLOO_SOCKET_IFNAME),
+    the rendezvous on node 0's address: the run crosses the veth pair and its
+    weights equal ddlkit's own single-node run."""
+    cfg = small(strategy, hang_timeout=30.0, **ACROSS_NODES[strategy])
+    cfg.save(tmp_path / "exp.yaml")
+    sent_before = namespaces.bytes_sent(1)
+    for node in range(2):
+        agents.start(
+            tmp_path / "exp.yaml",
+            nnodes=2,
+            nproc=2,
+            endpoint=namespaces.addresses[0],
+            netns=namespaces.names[node],
+            env={"GLOO_SOCKET_IFNAME": namespaces.veths[node]},
+            # node 0 hosts the rendezvous; each publishes its own address (not the shared hostname)
+            extra=[f"--rdzv-conf=is_host={int(node == 0)}", f"--local-addr={namespaces.addresses[node]}"],
+        )
+    assert agents.wait(240) == [0, 0], agents.logs()
+    run = ddlkit.load_run(the_folder(tmp_path / "runs"))
+    assert run.status == "done" and run.world_size == 4
+    model_bytes = sum(t.numel() * t.element_size() for t in run.result().state_dict.values())
+    assert namespaces.bytes_sent(1) - sent_before > cfg.steps * model_bytes  # the gradients went over the veth
+
+    reference = ddlkit.launch(small(strategy, run_dir=runs_dir, **ACROSS_NODES[strategy]), echo=False).wait(240)
     one_node = torch.load(reference.path / "final_state.pt", weights_only=True)
     assert_same_weights(run.result().state_dict, one_node)
