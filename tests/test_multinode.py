@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 import ddlkit
 from ddlkit import RunConfig
+from tests.conftest import children_of
 from tests.nodes import Agents, Namespaces
 
 
@@ -90,6 +92,38 @@ def test_two_torchrun_agents_make_one_exact_4_rank_data_run_followed_and_steered
     reference = ddlkit.launch(small(steps=40, run_dir=runs_dir), echo=False).wait(240)  # no delay: the same math
     one_node = torch.load(reference.path / "final_state.pt", weights_only=True)
     assert_same_weights(run.result().state_dict, one_node)
+
+
+def test_a_rank_killed_on_node_1_is_restarted_by_torchrun_from_the_checkpoint(agents, tmp_path):
+    """torchrun --max-restarts 1 on both agents; a rank of node 1 is SIGKILLed
+    after the first checkpoint: every rank starts again in the same folder,
+    resumes from the newest checkpoint, and follow() shows the restart."""
+    every = 10
+    cfg = small(steps=30, checkpoint_every=every, hang_timeout=30.0, delay_s={0: 0.05})
+    cfg.save(tmp_path / "exp.yaml")
+    for _node in range(2):
+        agents.start(tmp_path / "exp.yaml", nnodes=2, nproc=2, extra=["--max-restarts=1"])
+    until(lambda: (tmp_path / "runs").exists() and any((tmp_path / "runs").iterdir()), 120, "the run folder", agents)
+    run = ddlkit.follow(the_folder(tmp_path / "runs"), poll_s=0.05)
+    until(
+        lambda: any(e["type"] == "checkpoint" for e in run.events) and run.steps_done > every + 2,
+        120,
+        "a checkpoint",
+        agents,
+    )
+    victim = children_of(agents.procs[1].pid)[0]  # a rank torchrun started on node 1
+    os.kill(victim, signal.SIGKILL)
+    killed_at = run.steps_done
+    assert run.wait(240).status == "done", agents.logs()
+    assert agents.wait(60) == [0, 0], agents.logs()
+    [restart] = [e for e in run.events if e["type"] == "restart"]
+    assert restart["attempt"] == 1 and restart["from_step"] % every == 0 and restart["checkpoint"]
+    redone = killed_at - restart["from_step"]
+    assert 0 <= redone <= every, (killed_at, restart)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.path.name]  # one folder, attempts going on
+    assert sorted(run.metrics.groupby("rank")["step"].max().items()) == [(r, 29) for r in range(4)]
+    assert sorted(run.metrics.groupby("rank").size().items()) == [(r, 30) for r in range(4)]  # redone rows once
+    assert ddlkit.load_run(run.path).status == "done"
 
 
 @pytest.fixture(scope="module")
