@@ -3,6 +3,7 @@
 ddlkit run --strategy data --world-size 2 --steps 100
 ddlkit run experiment.yaml --lr 0.1
 ddlkit demo
+ddlkit slurm experiment.yaml --nodes 4 --gpus-per-node 8
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import registry
+from . import registry, slurm
 from .config import RunConfig, common_fields
 from .kernel.launch import launch
 from .kernel.resume import find_resume_point, resume_folder
@@ -45,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--report", action="store_true", help="also write runs/<id>/report.html")
     demo_cmd = commands.add_parser("demo", help="a small data-parallel run, with an HTML report")
     demo_cmd.add_argument("--steps", type=int, default=DEMO.steps)
+    slurm.add_parser(commands)
     opts = parser.parse_args(argv)
 
     try:
+        if opts.command == "slurm":
+            return slurm.command(opts)
         if opts.command == "demo":
             cfg, report = DEMO.replace(steps=opts.steps), True
         else:
