@@ -22,6 +22,7 @@ from pathlib import Path
 from tests.conftest import port_is_free
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def tagged(tag: str) -> list[int]:
@@ -56,9 +57,11 @@ class Agents:
         netns: str | None = None,
         env: dict[str, str] | None = None,
         extra: Sequence[str] = (),
+        launcher: str = "torchrun",
     ) -> subprocess.Popen:
-        """One agent: ``torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d ... -m ddlkit.worker config``."""
-        node = len(self.procs)
+        """One agent: ``torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d ... -m ddlkit.worker config``,
+        or the same node under ``accelerate launch``'s multi-node flags."""
+        node = len(self.procs) % nnodes
         command = [
             TORCHRUN,
             f"--nnodes={nnodes}",
@@ -71,9 +74,14 @@ class Agents:
             "ddlkit.worker",
             str(config),
         ]
+        if launcher == "accelerate":  # its multi-node flags; --num_processes counts every node's
+            command = [ACCELERATE, "launch", "--multi_gpu", f"--num_machines={nnodes}", f"--machine_rank={node}"]
+            command += [f"--num_processes={nnodes * nproc}", f"--main_process_ip={endpoint}"]
+            command += [f"--main_process_port={self.port}", *extra, "-m", "ddlkit.worker", str(config)]
+            env = {"ACCELERATE_USE_CPU": "1", **(env or {})}
         if netns is not None:
             command = ["ip", "netns", "exec", netns, *command]
-        log = open(self.folder / f"agent{node}.log", "wb")
+        log = open(self.folder / f"agent{len(self.procs)}.log", "wb")
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "DDLKIT_", "MASTER_"))}
         full_env = {**clean, "OMP_NUM_THREADS": "1", "DDLKIT_TEST_TAG": self.tag, **(env or {})}
         proc = subprocess.Popen(

@@ -61,7 +61,7 @@ def until(condition, timeout: float, what: str, agents: Agents) -> None:
 def test_two_torchrun_agents_make_one_exact_4_rank_data_run_followed_and_steered_live(agents, tmp_path, runs_dir):
     """2 agents x 2 ranks: one folder with 4 rank logs, followed while it runs
     (paused and resumed through the control file), weights equal to ddlkit's own
-    4-process run."""
+    4-process run; and the same under two `accelerate launch` machines."""
     cfg = small(steps=40, delay_s={0: 0.1})  # rank 0 waits 0.1 s a step, so the run is seen live (weights unchanged)
     cfg.save(tmp_path / "exp.yaml")
     for _node in range(2):
@@ -92,6 +92,15 @@ def test_two_torchrun_agents_make_one_exact_4_rank_data_run_followed_and_steered
     reference = ddlkit.launch(small(steps=40, run_dir=runs_dir), echo=False).wait(240)  # no delay: the same math
     one_node = torch.load(reference.path / "final_state.pt", weights_only=True)
     assert_same_weights(run.result().state_dict, one_node)
+
+    # The same two nodes under accelerate launch's multi-node flags (its own run folder).
+    small(steps=40, run_dir="runs-accelerate").save(tmp_path / "accelerate.yaml")
+    for _node in range(2):
+        agents.start(tmp_path / "accelerate.yaml", nnodes=2, nproc=2, launcher="accelerate")
+    assert agents.wait(240) == [0, 0, 0, 0], agents.logs()
+    accelerated = ddlkit.load_run(the_folder(tmp_path / "runs-accelerate"))
+    assert accelerated.status == "done" and accelerated.world_size == 4
+    assert_same_weights(accelerated.result().state_dict, one_node)
 
 
 def test_a_rank_killed_on_node_1_is_restarted_by_torchrun_from_the_checkpoint(agents, tmp_path):
