@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,3 +185,19 @@ def test_two_nodes_in_network_namespaces_equal_one_node(strategy, namespaces, ag
     reference = ddlkit.launch(small(strategy, run_dir=runs_dir, **ACROSS_NODES[strategy]), echo=False).wait(240)
     one_node = torch.load(reference.path / "final_state.pt", weights_only=True)
     assert_same_weights(run.result().state_dict, one_node)
+
+
+def test_a_config_whose_world_size_is_not_the_launchers_is_refused_before_anything_starts(tmp_path):
+    small(world_size=2).save(tmp_path / "exp.yaml")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "DDLKIT_", "MASTER_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "ddlkit.worker", "exp.yaml"],
+        env={**clean, "RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "job-1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "ValueError: exp.yaml has world_size: 2, but the launcher started 4 ranks (WORLD_SIZE)" in done.stderr
+    assert not (tmp_path / "runs").exists()

@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         serve(rank, run_dir, run_function(import_function(opts.function), args, rank, run_dir))
     cfg = RunConfig.load(opts.config)
     cfg.validate()
+    ranks = int(os.environ.get("WORLD_SIZE", cfg.world_size))
+    if ranks != cfg.world_size:
+        raise ValueError(
+            f"{opts.config} has world_size: {cfg.world_size}, but the launcher started {ranks} ranks (WORLD_SIZE): "
+            f"set world_size: {ranks} in the config, or start {cfg.world_size} ranks"
+        )
     run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / agreed_run_id())
     check_own_dir(make_dir(run_dir))  # private; refused if someone else made it
     if rank == 0 and not (run_dir / "config.json").exists():
