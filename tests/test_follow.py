@@ -174,6 +174,10 @@ def test_a_dashboard_of_a_followed_run_draws_live(folder):
     run.wait(10)
     dashboard.join(10)
     assert not dashboard.running and drawn() == 3
+    # what the browser showed (JupyterLab, headless chromium): the run's name, its ranks and status, the panels
+    assert dashboard.figure.layout.title.text == "run job-1 · 2 ranks (done)"
+    panels = {a.text for a in dashboard.figure.layout.annotations}
+    assert {"loss vs wall time", "throughput (samples/s, all ranks)"} <= panels
 
 
 def test_a_restarted_rank_ends_the_line_its_killed_predecessor_cut(folder):
