@@ -50,7 +50,10 @@ class Knob:
     live: bool = False  # may change while the run goes on (``Run.control``), applied at a step all ranks agree on
 
     def problem(self, value: Any) -> str | None:
-        """The error message for ``value``, or None if it is valid."""
+        """The error message for ``value``, or None if it is valid (for a
+        choice: with the nearest option, when the value looks like a typo)."""
+        if self.widget is not None and self.widget.kind == "choice" and self.widget.options:
+            return choice_problem(self.name, value, self.widget.options)
         return problem(self.name, value, self.check, self.valid)
 
 

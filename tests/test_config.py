@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -79,3 +80,58 @@ def test_unknown_field_in_a_file_is_named(tmp_path):
     (tmp_path / "exp.yaml").write_text("strategy: data\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['learning_rate'\]"):
         RunConfig.load(tmp_path / "exp.yaml")
+
+
+@pytest.mark.parametrize(
+    "field, typo, nearest",
+    [
+        ("strategy", "pipline", "pipeline"),
+        ("model", "mpl", "mlp"),
+        ("schedule", "gpipee", "gpipe"),
+        ("sync", "ssb", "ssp"),
+    ],
+)
+def test_a_typo_is_refused_on_construction_with_the_nearest_value(field, typo, nearest):
+    with pytest.raises(ValueError) as info:
+        RunConfig(**{field: typo})  # no validate(): at once
+    assert f"{field}={typo!r} is invalid" in str(info.value)
+    assert str(info.value).endswith(f"(did you mean {nearest!r}?)")
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [({"world_size": 0}, "world_size=0"), ({"lr": "1e-05"}, "lr='1e-05'"), ({"slowdown": {1: 0.5}}, "slowdown=")],
+)
+def test_a_bad_value_is_refused_when_set_not_only_at_launch(changes, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        RunConfig(**changes)
+    cfg = RunConfig()
+    name, value = next(iter(changes.items()))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        setattr(cfg, name, value)
+    assert getattr(cfg, name) == getattr(RunConfig(), name)  # the refused value was not kept
+
+
+def test_single_dimension_strategies_derive_their_degree_from_world_size():
+    pipe = RunConfig(strategy="pipeline", world_size=2)
+    pipe.validate()
+    assert pipe.pp == 2 and "pp" not in pipe.to_dict()  # not written: it follows world_size
+    assert pipe.replace(world_size=4).pp == 4
+    assert RunConfig.from_dict(pipe.to_dict()).replace(world_size=3).pp == 3
+    assert RunConfig(strategy="tensor", world_size=4).tp == 4
+    assert RunConfig(strategy="data", world_size=4).pp == 1  # the knob's default elsewhere
+    with pytest.raises(ValueError, match="pp=2 is invalid for strategy='pipeline' with world_size=4"):
+        RunConfig(strategy="pipeline", world_size=4, pp=2).validate()  # set explicitly: it must agree
+    with pytest.raises(ValueError, match="world_size=1 is invalid for strategy='pipeline'"):
+        RunConfig(strategy="pipeline", world_size=1).validate()
+
+
+def test_every_common_field_is_described_once_by_a_knob():
+    from ddlkit.common import COMMON
+    from ddlkit.config import common_fields
+
+    assert list(COMMON) == list(common_fields())
+    cfg = RunConfig()
+    for name, knob in COMMON.items():
+        assert getattr(cfg, name) == knob.default and knob.help, name
+        assert knob.problem(knob.default) is None, name

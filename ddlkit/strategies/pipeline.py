@@ -199,7 +199,12 @@ def check_stages(cfg: RunConfig) -> None:
 
 
 def layout(cfg: RunConfig) -> None:
-    if cfg.pp != cfg.world_size or cfg.pp < 2:
+    if cfg.world_size < 2:
+        raise ValueError(
+            f"world_size={cfg.world_size} is invalid for strategy='pipeline': one stage per rank, "
+            "and a pipeline has at least 2 stages (strategy='single' for one process)"
+        )
+    if cfg.pp != cfg.world_size:
         raise ValueError(
             f"pp={cfg.pp} is invalid for strategy='pipeline' with world_size={cfg.world_size}: "
             f"one stage per rank, so pp must equal world_size (>= 2) "
@@ -236,6 +241,7 @@ register(
         knobs=(PP, *PIPELINE_KNOBS),
         layout=layout,
         dp_size=lambda cfg: 1,
+        derived=lambda cfg: {"pp": cfg.world_size},  # one stage per rank
         position=4,
     )
 )

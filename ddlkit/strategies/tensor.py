@@ -111,7 +111,12 @@ def check_split(cfg: RunConfig) -> None:
 
 
 def layout(cfg: RunConfig) -> None:
-    if cfg.tp != cfg.world_size or cfg.tp < 2:
+    if cfg.world_size < 2:
+        raise ValueError(
+            f"world_size={cfg.world_size} is invalid for strategy='tensor': every rank holds a slice, "
+            "so world_size >= 2 (strategy='single' for one process)"
+        )
+    if cfg.tp != cfg.world_size:
         raise ValueError(
             f"tp={cfg.tp} is invalid for strategy='tensor' with world_size={cfg.world_size}: "
             f"tp must equal world_size (>= 2) (strategy='hybrid' combines tp with dp)"
@@ -129,6 +134,7 @@ register(
         knobs=(TP,),
         layout=layout,
         dp_size=lambda cfg: 1,
+        derived=lambda cfg: {"tp": cfg.world_size},  # every rank a slice
         position=5,
     )
 )
