@@ -80,6 +80,7 @@ class ControlRequest(Event):
     lr: NotRequired[float]
     paused: NotRequired[bool]
     stop: NotRequired[bool]
+    save: NotRequired[bool]
     slowdown: NotRequired[dict[str, float]]
     knobs: NotRequired[dict[str, Any]]  # a strategy's live knobs, by name
 

@@ -7,6 +7,7 @@ step events; ``run.metrics`` only the latest per step)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -35,7 +36,7 @@ _references: dict[str, dict[str, torch.Tensor]] = {}
 def reference_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Final weights of the same experiment run straight through (cached per config)."""
     clean = cfg.replace(fault=None, max_restarts=0, checkpoint_every=None)
-    key = json.dumps(clean.replace(run_dir="").to_dict(), sort_keys=True)
+    key = json.dumps({**clean.to_dict(), "run_dir": None}, sort_keys=True)  # the same experiment, any folder
     if key not in _references:
         _references[key] = ddlkit.launch(clean, echo=False).wait(timeout=180).result().state_dict
     return _references[key]
@@ -214,6 +215,73 @@ def test_resize_2_to_1_and_back_loses_no_step(runs_dir):
     # Two ranks of 8 and one of 16 take the same steps (data parallelism is
     # large-batch training): the weights match the 2-rank run up to rounding.
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-5
+
+
+LAYOUTS = [("pipeline", 2), ("tensor", 2), ("fsdp", 2), ("data", 1)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_run_without_checkpoints_goes_through_every_layout_from_the_same_weights(runs_dir, optimizer):
+    """data(2) -> pipeline(2) -> tensor(2) -> fsdp(2) -> data(1), live, on one run
+    launched without checkpoint_every: each stop saves the step whole, by
+    single-process names (model and optimizer state), and the next layout loads
+    it. The run ends with the weights of an uninterrupted data(2) run: with SGD,
+    and with Adam, whose moments must carry over for that."""
+    cfg = RunConfig(
+        strategy="data",
+        world_size=2,
+        steps=40,
+        batch_size=8,
+        lr=0.05 if optimizer == "sgd" else 0.01,
+        optimizer=optimizer,
+        hidden=32,
+        device="cpu",
+        hang_timeout=60,
+        run_dir=runs_dir,
+        delay_s={0: 0.1, 1: 0.1},  # slow enough to change layout every few steps
+    )
+    run = ddlkit.launch(cfg, echo=False)
+    _wait_for(lambda: run.steps_done >= 4)
+    for count, (strategy, world_size) in enumerate(LAYOUTS, start=1):
+        run.relaunch(world_size=world_size, strategy=strategy)
+        _wait_for(lambda count=count: len(of_type(run, "layout")) == count)
+        resumed_at = of_type(run, "layout")[-1]["from_step"]
+        _wait_for(lambda resumed_at=resumed_at: run.steps_done >= resumed_at + 3 or not run.live)
+    run.wait(timeout=300)
+    assert run.status == "done" and (run.strategy, run.world_size) == ("data", 1)
+    layouts = of_type(run, "layout")
+    # The same global batch of 16 samples: one replica of 16, or two of 8.
+    assert [(e["strategy"], e["world_size"], e["batch_size"]) for e in layouts] == [
+        ("pipeline", 2, 16),
+        ("tensor", 2, 16),
+        ("fsdp", 2, 8),
+        ("data", 1, 16),
+    ]
+    for layout in layouts:  # each layout went on exactly after the last step of the one before
+        before = [e["step"] for e in of_type(run, "step") if e["rank"] == 0 and e["attempt"] == layout["attempt"] - 1]
+        assert layout["from_step"] == max(before) + 1 and layout["checkpoint"] == f"step-{layout['from_step']:06d}"
+    assert steps_redone(run) == 0
+    assert_one_row_per_step(run, cfg.steps)
+    assert max_difference(run.result().state_dict, reference_state(cfg.replace(delay_s=None))) < 1e-5
+
+
+def test_a_relaunch_that_cannot_work_is_refused_before_anything_stops(runs_dir):
+    run = ddlkit.launch(BASE.replace(run_dir=runs_dir, steps=10_000, checkpoint_every=None), echo=False)
+    _wait_for(lambda: run.steps_done >= 2)
+    for changes, message in [
+        ({"strategy": "ps", "world_size": 3}, "strategy='ps' is invalid for a relaunch"),
+        ({"strategy": "pipeline", "world_size": 1}, "world_size=1 is invalid for strategy='pipeline'"),
+        ({"world_size": 3}, "must split evenly over 3"),
+        ({"strategy": "pipeline", "micro_batches": 3}, "micro_batches=3 is invalid"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run.relaunch(**changes)
+    assert run.status == "running" and of_type(run, "control_request") == []  # nothing was asked of the ranks
+    run.stop()
+    ps = ddlkit.launch(RunConfig(strategy="ps", world_size=3, steps=10_000, device="cpu", run_dir=runs_dir), echo=False)
+    with pytest.raises(ValueError, match="a run of strategy='ps' cannot change its layout live"):
+        ps.relaunch(world_size=2)
+    ps.stop()
 
 
 # ---- refused before anything starts -----------------------------------------

@@ -232,10 +232,9 @@ def test_every_built_in_model_has_the_layers_validation_assumes():
 )
 def test_impossible_layouts_are_refused_before_launch(runs_dir, no_leftovers, changes, message):
     changes = {k: v for k, v in changes.items() if not k.endswith("_")}
-    cfg = _cfg(runs_dir, **changes)
     if message is None:  # a layout that is fine: the check must not be over-eager
-        cfg.validate()
+        _cfg(runs_dir, **changes).validate()
         return
-    with pytest.raises(ValueError, match=message):
-        ddlkit.launch(cfg, echo=False)
+    with pytest.raises(ValueError, match=message):  # a bad value already when set, a bad layout at launch
+        ddlkit.launch(_cfg(runs_dir, **changes), echo=False)
     assert no_leftovers == []  # nothing was started

@@ -81,6 +81,14 @@ class Intake:
         if self.echo is not None:
             self.echo(f"ddlkit: {line}")
 
+    def keep(self, rank: int, text: str) -> None:
+        """Lines a rank sent as an event (its traceback): into its log and tail, not echoed (RunFailed shows it)."""
+        if rank in self._logs and not self._logs[rank].closed:
+            self._logs[rank].write(text.encode())
+            self._logs[rank].flush()
+        if rank in self.tails:
+            self.tails[rank].extend(text.rstrip("\n").splitlines())
+
     def end_attempt(self) -> None:
         """Close what connects to the attempt's ranks, after its last output."""
         for rank in list(self.outputs):

@@ -106,6 +106,8 @@ def _start(
     else:  # the same run folder, its events, and attempt numbers that go on
         run, announce, checkpoint = continue_run(resume, world_size, say or (lambda line: None))
         attempt = announce[0]["attempt"]
+    if config is not None:
+        run.meta["strategy"] = config.strategy
     starter = Starter(run.path, device, Rendezvous(), ChannelServer(new_token()), config, function, spawn_name, args)
     ranks, outputs = starter.start(world_size, attempt, checkpoint)
     supervisor = Supervisor(run, starter, hang_timeout, say, Restarts(run.path, config, attempt, announce))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .. import checkpoint, events
+from .. import checkpoint, events, registry
 from ..config import RunConfig
 from .ranks import RankState, culprit
 from .resume import resized
@@ -48,13 +49,24 @@ class Restarts:
     def left(self) -> bool:
         return self.used < self.max_restarts
 
-    def new_layout(self, world_size: int | None, strategy: str | None) -> None:
-        """The layout of the next attempt (the current ranks are then asked to stop)."""
+    def new_layout(self, world_size: int | None, strategy: str | None, knobs: dict[str, Any]) -> None:
+        """The layout of the next attempt (the current ranks are then asked to
+        stop at a step and checkpoint it; the new layout loads that checkpoint)."""
         if self.config is None:
             raise RuntimeError("relaunch acts on built-in experiments (a RunConfig), not on a launched function")
-        if self.config.checkpoint_every is None:
-            raise ValueError("relaunch needs checkpoints: launch the run with checkpoint_every set")
-        self.new_config = resized(self.config, world_size, strategy)
+        new = resized(self.config, world_size, strategy, knobs)
+        able = [name for name in registry.names() if registry.get(name).checkpoint == "consolidated"]
+        if registry.get(self.config.strategy).checkpoint != "consolidated":
+            raise ValueError(
+                f"a run of strategy={self.config.strategy!r} cannot change its layout live: its ranks do not "
+                f"save a whole checkpoint to go on from (runs of {able} can)"
+            )
+        if registry.get(new.strategy).checkpoint != "consolidated":
+            raise ValueError(
+                f"strategy={new.strategy!r} is invalid for a relaunch: it cannot go on from the run's "
+                f"checkpoint (valid: {able})"
+            )
+        self.new_config = new
 
     def next(self, ranks: list[RankState]) -> Attempt | None:
         """The next attempt if one is due (the ranks of this one have all ended), else None."""

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .. import checkpoint, events, registry
 from ..config import RunConfig
@@ -84,17 +85,29 @@ def continue_run(path: Path, world_size: int, say: Callable[[str], None]) -> tup
     return run, announce, found.path
 
 
-def resized(cfg: RunConfig, world_size: int | None = None, strategy: str | None = None) -> RunConfig:
+def resized(
+    cfg: RunConfig, world_size: int | None = None, strategy: str | None = None, knobs: dict[str, Any] | None = None
+) -> RunConfig:
     """The config after a relaunch: the same global batch, the same everything
-    else the new strategy reads. Faults aimed at ranks that no longer exist are dropped."""
+    else the new strategy reads (with ``knobs`` changed). Faults and stragglers
+    aimed at ranks that no longer exist are dropped.
+
+    >>> new = resized(RunConfig(strategy="data", world_size=2, batch_size=8, delay_s={1: 0.1}), 2, "pipeline")
+    >>> new.pp, new.batch_size, new.delay_s  # one replica now takes the whole global batch of 16
+    (2, 16, {1: 0.1})
+    """
     world_size = cfg.world_size if world_size is None else world_size
     if strategy is None:  # a single process that grows becomes data parallel
         strategy = "data" if cfg.strategy == "single" and world_size != 1 else cfg.strategy
-    if not isinstance(world_size, int) or world_size < 1:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} is invalid for a relaunch: it must be a positive integer")
     global_batch = cfg.batch_size * registry.get(cfg.strategy).dp_size(cfg)
     kept = [f for f in cfg.faults() if f["rank"] < world_size] or None
-    new = cfg.for_strategy(strategy).replace(world_size=world_size, fault=kept)
+    stragglers = {
+        name: {rank: value for rank, value in (getattr(cfg, name) or {}).items() if rank < world_size} or None
+        for name in ("slowdown", "delay_s")
+    }
+    new = cfg.for_strategy(strategy).replace(world_size=world_size, fault=kept, **stragglers, **(knobs or {}))
     replicas = registry.get(strategy).dp_size(new)
     if global_batch % replicas:
         raise ValueError(

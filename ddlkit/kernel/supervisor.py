@@ -90,9 +90,9 @@ class Supervisor:
         self.log.append([{"type": "control_request", "time": time.time(), **controls.to_json(changes)}])
         self.intake.send({"type": "control", **controls.to_json(changes)})
 
-    def relaunch(self, world_size: int | None, strategy: str | None) -> None:
-        self.restarts.new_layout(world_size, strategy)
-        self.control({"stop": True})
+    def relaunch(self, world_size: int | None, strategy: str | None, knobs: dict[str, Any]) -> None:
+        self.restarts.new_layout(world_size, strategy, knobs)
+        self.control({"stop": True, "save": True})  # the ranks stop together at a step and checkpoint it
 
     # ---- the loop ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -137,7 +137,8 @@ class Supervisor:
         for line in attempt.event["skipped"]:
             self.intake.say(line)
         self.log.append([dict(attempt.event)])
-        self.controls.pop("stop", None)  # the stop that ended the old layout is not for the new one
+        for name in ("stop", "save"):  # the stop that ended the old layout is not for the new one
+            self.controls.pop(name, None)
         ranks, outputs = self.starter.start(
             attempt.config.world_size, attempt.number, attempt.checkpoint, attempt.config
         )
@@ -184,6 +185,7 @@ class Supervisor:
                 continue
             if kind == "error":
                 state.traceback, state.error_at = event.get("traceback", ""), event.get("time", time.time())
+                self.intake.keep(rank, state.traceback)
             elif kind == "finished":
                 state.finished = True
                 self.restarts.stopped_early = self.restarts.stopped_early or bool(event.get("stopped"))

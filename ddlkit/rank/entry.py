@@ -58,7 +58,8 @@ def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn
             reporter.send(events.Finished(type="finished"), now=True)
     except BaseException:
         text = traceback.format_exc()
-        sys.stderr.write(text)
+        if not reporter.to_kernel:  # the kernel shows it once, in RunFailed, and keeps it in rank<r>.log
+            sys.stderr.write(text)
         reporter.error(text)
     finally:
         reporter.close()

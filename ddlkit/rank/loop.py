@@ -122,8 +122,10 @@ def run_steps(ctx: RankContext, strategy: Strategy, checkpointed: bool) -> dict[
             checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     train_s = time.perf_counter() - started
     stopped = steps_done < cfg.steps
-    if stopped and checkpoints and cfg.checkpoint_every is not None and not checkpoints.due(steps_done):
-        checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)  # keep this step's state
+    # Stopped at a step: keep its state if a relaunch asked (it goes on from it) or checkpoints are on.
+    keep = ctx.controls.current.save or cfg.checkpoint_every is not None
+    if stopped and checkpoints and keep and not checkpoints.due(steps_done):
+        checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     samples = (steps_done - first_step) * cfg.batch_size * strategy.dp_size
     return {"steps": steps_done, "samples": samples, "train_s": train_s, "stopped": stopped}
 

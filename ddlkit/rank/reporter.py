@@ -81,6 +81,11 @@ class Reporter:
         run_dir.mkdir(parents=True, exist_ok=True)
         return cls(rank, file=run_dir / f"events-rank{rank}.jsonl")
 
+    @property
+    def to_kernel(self) -> bool:
+        """Events go to a kernel (ddlkit's launcher), not to a file."""
+        return self._conn is not None
+
     def activate(self) -> None:
         global _active
         _active = self

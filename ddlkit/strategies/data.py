@@ -17,6 +17,7 @@ from ..config import RunConfig
 from ..models import loss_fn
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
+from .state import WholeState
 
 
 class CommTimer:
@@ -35,7 +36,7 @@ class CommTimer:
         return allreduce_hook(state, bucket).then(done)
 
 
-class DataParallel(Strategy):
+class DataParallel(WholeState, Strategy):
     def __init__(
         self, cfg: RunConfig, accelerator: Any, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory
     ):
@@ -60,14 +61,6 @@ class DataParallel(Strategy):
         """Every rank holds the whole model: rank 0's copy is the full state."""
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def one_process(cfg: RunConfig) -> None:

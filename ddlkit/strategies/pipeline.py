@@ -43,6 +43,7 @@ from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
 from .sharding import average_gradients
 from .stages import LAYERS, balanced_cuts, pipeline_layers
+from .state import gathered, load_whole_state
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
@@ -159,6 +160,14 @@ class PipelineParallel(Strategy):
         merged = {name: t for part in gathered for name, t in (part or {}).items()}
         return {name: merged[name] for name in self.model.state_dict()}
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The stages' parameters and optimizer state gathered under the
+        single-process names (``strategies/state.py``): any strategy goes on from it."""
+        return gathered(self.model, self.optimizer, self.pp_group)
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        load_whole_state(self.model, self.optimizer, state)  # the optimizer takes its stages' part
+
 
 def build(
     cfg: RunConfig, accelerator: Any, model: nn.Module, task: str, make_optimizer: OptimizerFactory
@@ -242,6 +251,7 @@ register(
         layout=layout,
         dp_size=lambda cfg: 1,
         derived=lambda cfg: {"pp": cfg.world_size},  # one stage per rank
+        checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
         position=4,
     )
 )

@@ -32,6 +32,7 @@ from ..models import LM_HEADS, CharTransformer, loss_fn
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
 from .sharding import average_gradients, full_state_dict
+from .state import WholeState
 
 
 def megatron_plan(model: nn.Module) -> dict[str, ParallelStyle]:
@@ -56,7 +57,7 @@ def megatron_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     return {name: style for col, row in pairs for name, style in ((col, ColwiseParallel()), (row, RowwiseParallel()))}
 
 
-class TensorParallel(Strategy):
+class TensorParallel(WholeState, Strategy):
     def __init__(
         self,
         cfg: RunConfig,
@@ -135,6 +136,7 @@ register(
         layout=layout,
         dp_size=lambda cfg: 1,
         derived=lambda cfg: {"tp": cfg.world_size},  # every rank a slice
+        checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
         position=5,
     )
 )

@@ -37,6 +37,11 @@ LABEL_PX_PER_CHAR = 7  # JupyterLab's widget label font, with a margin
 INPUT_PX = 110  # what is left for the value: a number of 7 digits, or a choice's name
 
 
+def names_of(cfg: RunConfig) -> list[str]:
+    """The strategy's knobs the panel shows (a relaunch passes them on)."""
+    return [name for name, _ in fields_of(cfg)]
+
+
 def width_for(label: str) -> str:
     """A widget's CSS width: its label's, plus room to see and type the value
     (a fixed width left a long label's box ~10 px wide).

@@ -28,6 +28,18 @@ TIMES = ("compute_s", "comm_s", "wait_s")
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes")
 
 
+def tint(color: str, shade: float) -> str:
+    """``color`` (#rrggbb) mixed with white: ``shade`` 1 is the colour, 0 white.
+    Shades of a run's colour tell stacked parts apart (in the legend too,
+    which opacity would not).
+
+    >>> tint("#1f77b4", 1.0), tint("#000000", 0.5)
+    ('#1f77b4', '#808080')
+    """
+    rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(255 - (255 - c) * shade):02x}" for c in rgb)
+
+
 # ---- incremental data ------------------------------------------------------
 class _Column:
     """A float array that grows by doubling: appending is amortised O(new)."""
@@ -77,9 +89,10 @@ class RunData:
     """What the panels read of one run, kept up to date by :meth:`update`,
     which parses only the events that arrived since it last ran."""
 
-    def __init__(self, run: Run, color: str = COLORS[0], read: bool = True):
+    def __init__(self, run: Run, color: str = COLORS[0], read: bool = True, name: str | None = None):
         self.run = run
         self.color = color
+        self.name = name  # what legends call the run (default: its id's last part and its ranks)
         self.cursor = 0  # events read so far
         self.ranks: dict[int, dict[str, _Column]] = {}  # rank -> step, time, loss
         self.per_step = _PerStep()
@@ -91,7 +104,11 @@ class RunData:
 
     @property
     def label(self) -> str:
-        return f"{self.run.id} · {self.run.world_size} rank{'s' if self.run.world_size > 1 else ''}"
+        """Short, for legends: its name, or the run id's last part (its random suffix) and the ranks."""
+        if self.name is not None:
+            return self.name
+        short = self.run.id.rsplit("-", 1)[-1]
+        return f"{short} · {self.run.world_size} rank{'s' if self.run.world_size != 1 else ''}"
 
     def update(self, limit: int | None = None) -> int:
         """Read the new events (at most ``limit``); returns how many were read."""
