@@ -269,6 +269,8 @@ def test_the_report_is_the_same_panels_as_html(runs_dir, tmp_path):
 def test_a_marker_names_only_the_controls_that_changed():
     event = {"type": "control", "rank": 0, "time": 1.0, "step": 3, "attempt": 2, "lr": 0.01, "paused": True}
     assert traces.marker_label(event) == "lr=0.01, paused"
+    assert traces.marker_label({"type": "control", "step": 9, "stop": True, "save": True}) == "relaunch"
+    assert traces.marker_label({"type": "control", "step": 9, "stop": True}) == "stop"
 
 
 def test_a_dashboard_opened_on_a_long_run_reads_it_in_slices_and_catches_up(tmp_path, monkeypatch):

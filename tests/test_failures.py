@@ -178,3 +178,41 @@ def test_a_rank_that_exits_0_before_finishing_fails_the_run(runs_dir):
     run = ddlkit.launch(_quits_early, num_processes=2, run_dir=runs_dir, echo=False)
     with pytest.raises(RunFailed, match="rank 1: exited with code 0 without a traceback"):
         run.wait(timeout=60)
+
+
+def test_a_ranks_traceback_is_shown_once_and_kept_in_its_log(runs_dir):
+    cfg = RunConfig(
+        world_size=2,
+        steps=40,
+        batch_size=8,
+        device="cpu",
+        run_dir=runs_dir,
+        fault={"rank": 1, "step": 3, "kind": "exception"},
+    )
+    echoed: list[str] = []
+    run = ddlkit.launch(cfg, echo=echoed.append)
+    with pytest.raises(RunFailed) as info:
+        run.wait(timeout=120)
+    assert str(info.value).count('raise RuntimeError(f"injected fault at step {step}")') == 1  # the traceback, once
+    assert not any("injected fault" in line or line.endswith("Traceback (most recent call last):") for line in echoed)
+    assert "RuntimeError: injected fault at step 3" in (run.path / "rank1.log").read_text()  # the log keeps it
+
+
+def test_an_interrupt_during_wait_stops_the_run_and_says_so_in_one_line(runs_dir):
+    run = ddlkit.launch(RunConfig(steps=100_000, batch_size=8, device="cpu", run_dir=runs_dir), echo=False)
+    main = threading.main_thread().ident
+
+    def interrupt():  # Ctrl-C, or Jupyter's stop button, while the notebook waits
+        while run.steps_done < 5:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(ddlkit.RunInterrupted) as info:
+        run.wait(timeout=120)
+    assert run.status == "stopped" and run.steps_done >= 5
+    shown = info.value._render_traceback_()  # what IPython prints instead of a traceback
+    assert len(shown) == 1 and f"run {run.id} was stopped by the interrupt" in shown[0]
+    assert info.value.__suppress_context__  # no chained traceback through threading.py
+    assert len(ddlkit.load_run(run.path).metrics) == len(run.metrics)  # everything recorded stayed

@@ -212,6 +212,8 @@ def test_resize_2_to_1_and_back_loses_no_step(runs_dir):
         assert layout["from_step"] == max(before) + 1
     assert steps_redone(run) == 0
     assert_one_row_per_step(run, cfg.steps)
+    # The slowdown asked at the start is in force in every attempt, but marked once: when first applied.
+    assert [e["attempt"] for e in of_type(run, "control") if "slowdown" in e] == [0]
     # Two ranks of 8 and one of 16 take the same steps (data parallelism is
     # large-batch training): the weights match the 2-rank run up to rounding.
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-5

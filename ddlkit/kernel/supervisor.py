@@ -167,7 +167,9 @@ class Supervisor:
     def _connected(self, rank: int) -> None:
         self.ranks[rank].connected = True
         if self.controls:  # changes made before this rank connected
-            self.intake.send({"type": "control", **controls.to_json(self.controls)}, rank=rank)
+            # In a later attempt they were applied (and marked) before: they are in force from its start.
+            replay = {"replay": True} if self.restarts.attempt > 0 else {}
+            self.intake.send({"type": "control", **replay, **controls.to_json(self.controls)}, rank=rank)
         if all(r.connected for r in self.ranks):
             self.run.set_running()
 

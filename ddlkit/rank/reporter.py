@@ -165,8 +165,11 @@ class Reporter:
                     os._exit(1)
                 return
             if message.get("type") == "control":
-                changes = from_json({k: v for k, v in message.items() if k != "type"})
+                # A replay (what was changed before this rank or attempt started) is in force from the
+                # start, like the config's settings: not a change to report (it would mark the curve again).
+                replay = message.get("replay") and self._control_version == 0
+                changes = from_json({k: v for k, v in message.items() if k not in ("type", "replay")})
                 knobs = {**self._controls.get("knobs", {}), **changes.pop("knobs", {})}
                 self._controls = {**self._controls, **changes, "knobs": knobs}
-                self._control_version += 1
+                self._control_version += 0 if replay else 1
                 self._control_changed.set()

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..kernel.run import Run
 
-MAX_POINTS = 1000  # per trace sent to the browser
+MAX_POINTS = 600  # per trace sent to the browser: a panel is 400-600 px wide
 RECENT_POINTS = 200  # the newest points of a trace are never thinned
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 TIMES = ("compute_s", "comm_s", "wait_s")
@@ -99,6 +99,7 @@ class RunData:
         self.event_counts: dict[str, int] = {}
         self.markers: list[dict[str, Any]] = []  # control and control_request events
         self.memory: dict[int, dict[str, float]] = {}  # rank -> bytes by kind
+        self.layouts: list[tuple[int, int]] = []  # (from step, ranks) of each layout the run had, once it changed
         if read:
             self.update()
 
@@ -139,6 +140,10 @@ class RunData:
                 self.markers.append(event)
             elif kind == "memory":
                 self.memory[event["rank"]] = {name: float(event.get(name, 0.0)) for name in MEMORY}
+            elif kind == "layout":  # a relaunch: from its step on, a step is complete with its ranks
+                first = len(set(self.ranks) | {int(r) for r in columns["rank"]})  # the ranks of the first layout
+                self.layouts += [(0, first)] if not self.layouts else []
+                self.layouts.append((event["from_step"], event["world_size"]))
         if columns["step"]:
             self._add_steps({k: np.asarray(v, dtype=float) for k, v in columns.items()})
         return len(new)
@@ -154,9 +159,24 @@ class RunData:
 
     # ---- derived series, cheap enough for every refresh ---------------------
     def steps(self, complete: bool = False) -> np.ndarray:
-        """Steps some rank logged (``complete``: every rank seen so far logged)."""
+        """Steps some rank logged (``complete``: every rank of the step's layout
+        logged: all seen so far, or, after a relaunch, as many as its layout has).
+
+        >>> run = Run.from_events([{"type": "step", "rank": r, "step": s, "time": 1.0, "loss": 1.0}
+        ...                        for s, ranks in ((0, (0, 1)), (1, (0, 1)), (2, (0,))) for r in ranks])
+        >>> RunData(run).steps(complete=True).tolist()
+        [0, 1]
+        >>> run.record([{"type": "layout", "from_step": 2, "world_size": 1, "strategy": "data", "batch_size": 2}])
+        >>> RunData(run).steps(complete=True).tolist()  # step 2 ran on one rank: it is complete
+        [0, 1, 2]
+        """
         count = self.per_step.arrays["count"]
-        return np.flatnonzero(count >= (max(len(self.ranks), 1) if complete else 1))
+        if not complete:
+            return np.flatnonzero(count >= 1)
+        expected = np.full(len(count), max(len(self.ranks), 1))
+        for start, ranks in self.layouts:
+            expected[start:] = ranks
+        return np.flatnonzero((count >= expected) & (count >= 1))
 
     def mean(self, name: str, steps: np.ndarray) -> np.ndarray:
         a = self.per_step.arrays

@@ -87,15 +87,17 @@ def loss(x_of: str) -> TraceFunction:
 
 
 def marker_label(event: dict[str, Any]) -> str:
-    """'lr=0.01', 'paused', 'resumed', 'stop', 'checkpoint', 'slowdown {1: 3.0}', and a
+    """'lr=0.01', 'paused', 'resumed', 'stop', 'relaunch' (a stop that saves), 'slowdown {1: 3.0}', and a
     strategy's live knobs ('fraction=0.2')."""
     parts = []
     changes = {**{k: v for k, v in event.items() if k in CONTROLS}, **event.get("knobs", {})}  # not type, step, ...
+    if changes.get("stop") and changes.pop("save", False):
+        changes["stop"] = "relaunch"  # a stop that saves the step: the run goes on in a new layout
     for name, value in changes.items():
         if name == "paused":
             parts.append("paused" if value else "resumed")
-        elif name in ("stop", "save"):
-            parts.append("stop" if name == "stop" else "checkpoint")
+        elif name == "stop":
+            parts.append("relaunch" if value == "relaunch" else "stop")
         else:
             parts.append(f"{name}={value:g}" if isinstance(value, (int, float)) else f"{name} {value}")
     return ", ".join(parts)
@@ -109,15 +111,12 @@ def markers(data: RunData, runs: list[RunData], x_of: str, steps: np.ndarray, me
     axis puts them on the same pixels (the triangle used to vanish under the x)."""
     asked: dict[str, list[Any]] = {"x": [], "y": [], "hovertext": []}
     applied: dict[str, list[Any]] = {"x": [], "y": [], "hovertext": [], "text": []}
-    times = data.per_step.arrays["time_max"][steps]
     for event in data.markers:
         seconds = event["time"] - data.run.started
         step = event.get("step", data.step_at(seconds))
         is_applied = event["type"] == "control"
         shown = applied if is_applied else asked
-        shown["x"].append(
-            step if x_of == "step" else (np.interp(step, steps, times) if is_applied and len(steps) else seconds)
-        )
+        shown["x"].append(step if x_of == "step" else seconds)  # against time: when it was asked, or applied
         shown["y"].append(np.interp(step, steps, mean) if len(steps) else 0.0)
         label = marker_label(event)
         shown["hovertext"].append(f"{'applied' if is_applied else 'asked'}: {label}")
