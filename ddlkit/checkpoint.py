@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from . import registry
 from .config import RunConfig
-from .files import fsync_dir, write_synced
+from .files import fsync_dir, make_dir, open_private, write_synced
 
 MANIFEST = "manifest.json"
 CONSOLIDATED = "state.pt"
@@ -85,7 +85,7 @@ def save(
     final = root / name_of(step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt that died while writing
-        tmp.mkdir(parents=True)
+        make_dir(tmp, exist_ok=False)
     if sharded and barrier is not None:
         barrier()  # the folder exists before anyone writes into it
     for name, obj in files.items():
@@ -96,7 +96,7 @@ def save(
         return None
     entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     manifest = {"step": step, "layout": "sharded" if sharded else "consolidated", "files": entries, **meta}
-    with open(tmp / MANIFEST, "w") as f:
+    with open_private(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())

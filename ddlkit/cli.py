@@ -15,6 +15,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+from . import registry
 from .config import RunConfig
 from .flags import add_field_flags, strategies_text, values
 from .kernel.launch import launch
@@ -96,11 +97,12 @@ def _refuse(message: str) -> int:
 
 
 def _run(cfg: RunConfig, report: bool, resume: str | None = None) -> int:
-    print(f"ddlkit: {cfg.strategy} parallel, {cfg.world_size} rank(s), {cfg.model} on {cfg.dataset}, {cfg.steps} steps")
+    length = registry.get(cfg.strategy).length(cfg)  # steps, or a round-based strategy's rounds
+    print(f"ddlkit: {cfg.strategy} parallel, {cfg.world_size} rank(s), {cfg.model} on {cfg.dataset}, {length} steps")
     terminal = sys.stderr.isatty()
     run = launch(cfg, echo=tqdm.write if terminal else print, resume=resume)
     try:
-        follow(run, cfg.steps, sys.stderr, bar=terminal)
+        follow(run, length, sys.stderr, bar=terminal)
         run.wait()
     except KeyboardInterrupt:
         run.stop()

@@ -157,5 +157,13 @@ COMMON: dict[str, Knob] = {
             "seconds >= 0",
             "add a random delay of this mean (seeded) to every rank's steps",
         ),
+        integer(
+            "eval_every",
+            None,
+            1,
+            None,
+            "every this many steps (rounds), the loss and accuracy on a held-out share of the data no rank trains on",
+            allow_none=True,
+        ),
     )
 }

@@ -91,6 +91,9 @@ class RunConfig:
     slowdown: dict[int, float] | None
     delay_s: dict[int, float] | None
     delay_jitter_s: float
+    # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
+    # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
+    eval_every: int | None
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})

@@ -48,6 +48,14 @@ def _nothing_derived(cfg: Any) -> dict[str, Any]:
     return {}
 
 
+def _rank_zero(cfg: Any) -> int:
+    return 0
+
+
+def _config_steps(cfg: Any) -> int:
+    return int(cfg.steps)
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """What a strategy file declares about itself.
@@ -62,9 +70,15 @@ class StrategySpec:
       (a pipeline's ``pp`` is its ``world_size``); the panel hides them.
     - ``checkpoint``: None (no checkpoints), "consolidated" (rank 0 saves the
       whole state; any layout resumes) or "sharded" (every rank its own part).
+    - ``portable``: the checkpoint is the whole model and optimizer state under
+      single-process names (``ddlkit.strategies.state``), so a run can be
+      relaunched between any two portable strategies.
     - ``lockstep``: ranks step together, so live changes are agreed by a collective.
     - ``cpu_only``: it needs CPU processes (any-source receives, shared memory).
     - ``position``: where menus list it (lower first).
+    - ``evaluator(cfg)``: the rank that measures the held-out data (``eval_every``):
+      one whose ``full_state_dict()`` is the whole model at its steps.
+    - ``length(cfg)``: the steps (a round-based strategy: rounds) a run takes; progress bars end there.
     """
 
     name: str
@@ -75,9 +89,12 @@ class StrategySpec:
     dp_size: Callable[[Any], int] = _every_rank
     derived: Callable[[Any], dict[str, Any]] = _nothing_derived
     checkpoint: str | None = None
+    portable: bool = False
     lockstep: bool = True
     cpu_only: bool = False
     position: int = 100
+    evaluator: Callable[[Any], int] = _rank_zero
+    length: Callable[[Any], int] = _config_steps
     module: str = field(default="", compare=False)
 
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from .. import channel
 from ..channel import ChannelServer
+from ..files import open_private
 
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 TAIL_LINES = 50  # per rank, for the failure report
@@ -49,7 +50,7 @@ class Intake:
         self.outputs = dict(outputs)
         self.tails = {rank: deque(maxlen=TAIL_LINES) for rank in outputs}
         self._partial = {rank: b"" for rank in outputs}
-        self._logs = {rank: open(self.folder / f"rank{rank}.log", "ab") for rank in outputs}
+        self._logs = {rank: open_private(self.folder / f"rank{rank}.log", "ab") for rank in outputs}
         for rank, stream in outputs.items():
             os.set_blocking(stream.fileno(), False)
             self.selector.register(stream, selectors.EVENT_READ, partial(self._read_output, rank))
@@ -107,16 +108,15 @@ class Intake:
 
     # ---- reading ----------------------------------------------------------
     def _accept(self, _arrived: list[Arrival]) -> None:
-        accepted = self.server.accept()
-        if accepted is None:
-            return
-        rank, conn = accepted
-        if not 0 <= rank < self.world_size or rank in self.connections:
-            conn.close()
-            return
-        self.connections[rank] = conn
-        self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
-        self.on_connect(rank)
+        # Only authenticated ranks arrive here: the server handshakes on a thread of its own.
+        while (accepted := self.server.accept()) is not None:
+            rank, conn = accepted
+            if not 0 <= rank < self.world_size or rank in self.connections:
+                conn.close()
+                continue
+            self.connections[rank] = conn
+            self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
+            self.on_connect(rank)
 
     def _read_events(self, rank: int, arrived: list[Arrival]) -> None:
         conn = self.connections[rank]

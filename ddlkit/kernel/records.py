@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from ..files import write_json
+from ..files import open_private, write_json
 from .run import Run
 
 
@@ -24,7 +24,7 @@ class RunLog:
 
     def __init__(self, run: Run):
         self.run = run
-        self._events: IO[str] | None = open(run.path / "events.jsonl", "a")
+        self._events: IO[str] | None = open_private(run.path / "events.jsonl", "a")
 
     def write_meta(self) -> None:
         run = self.run

@@ -55,13 +55,13 @@ class Restarts:
         if self.config is None:
             raise RuntimeError("relaunch acts on built-in experiments (a RunConfig), not on a launched function")
         new = resized(self.config, world_size, strategy, knobs)
-        able = [name for name in registry.names() if registry.get(name).checkpoint == "consolidated"]
-        if registry.get(self.config.strategy).checkpoint != "consolidated":
+        able = [name for name in registry.names() if registry.get(name).portable]
+        if not registry.get(self.config.strategy).portable:
             raise ValueError(
                 f"a run of strategy={self.config.strategy!r} cannot change its layout live: its ranks do not "
                 f"save a whole checkpoint to go on from (runs of {able} can)"
             )
-        if registry.get(new.strategy).checkpoint != "consolidated":
+        if not registry.get(new.strategy).portable:
             raise ValueError(
                 f"strategy={new.strategy!r} is invalid for a relaunch: it cannot go on from the run's "
                 f"checkpoint (valid: {able})"

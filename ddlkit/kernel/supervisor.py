@@ -63,7 +63,8 @@ class Supervisor:
         self.thread = threading.Thread(target=self._loop, name=f"ddlkit-supervisor-{run.id}", daemon=True)
 
     def start(self, ranks: list[RankState], outputs: dict[int, IO[bytes]]) -> None:
-        self.run.ports = [self.starter.rendezvous.port, self.starter.server.address[1]]
+        rendezvous = self.starter.rendezvous
+        self.run.ports = [rendezvous.port, self.starter.server.address[1], *rendezvous.private_ports]
         self._adopt(ranks, outputs)
         self.run.attach(self)
         with _live_lock:

@@ -78,6 +78,7 @@ register(
         "one process, plain training: the reference every strategy is compared with",
         layout=one_process,
         checkpoint="consolidated",
+        portable=True,
         position=0,
     )
 )
@@ -87,6 +88,7 @@ register(
         DataParallel,
         "data parallel (DDP): every rank the whole model, a shard of each batch, gradients all-reduced",
         checkpoint="consolidated",
+        portable=True,
         position=1,
     )
 )

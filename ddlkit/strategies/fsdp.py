@@ -89,5 +89,6 @@ register(
         layout=layout,
         position=6,
         checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
     )
 )

@@ -69,6 +69,7 @@ register(
         layout=layout,
         dp_size=lambda cfg: cfg.dp,
         checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
         position=7,
     )
 )

@@ -252,6 +252,7 @@ register(
         dp_size=lambda cfg: 1,
         derived=lambda cfg: {"pp": cfg.world_size},  # one stage per rank
         checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
         position=4,
     )
 )

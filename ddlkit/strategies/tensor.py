@@ -137,6 +137,7 @@ register(
         dp_size=lambda cfg: 1,
         derived=lambda cfg: {"tp": cfg.world_size},  # every rank a slice
         checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
         position=5,
     )
 )

@@ -26,6 +26,7 @@ RECENT_POINTS = 200  # the newest points of a trace are never thinned
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 TIMES = ("compute_s", "comm_s", "wait_s")
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes")
+KEPT = ("eval", "round", "partition")  # events panels draw one point or bar each: kept as they are
 
 
 def tint(color: str, shade: float) -> str:
@@ -100,6 +101,7 @@ class RunData:
         self.markers: list[dict[str, Any]] = []  # control and control_request events
         self.memory: dict[int, dict[str, float]] = {}  # rank -> bytes by kind
         self.layouts: list[tuple[int, int]] = []  # (from step, ranks) of each layout the run had, once it changed
+        self.kept: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KEPT}
         if read:
             self.update()
 
@@ -144,6 +146,8 @@ class RunData:
                 first = len(set(self.ranks) | {int(r) for r in columns["rank"]})  # the ranks of the first layout
                 self.layouts += [(0, first)] if not self.layouts else []
                 self.layouts.append((event["from_step"], event["world_size"]))
+            elif kind in KEPT:
+                self.kept[kind].append(event)
         if columns["step"]:
             self._add_steps({k: np.asarray(v, dtype=float) for k, v in columns.items()})
         return len(new)
