@@ -82,6 +82,28 @@ def test_checkpoints_are_whole_or_skipped_and_only_the_last_k_kept(tmp_path):
     assert checkpoint.load_file(found.path / "state.pt")["w"][0].item() == 10.0
 
 
+def test_checkpoints_past_step_999999_sort_by_number(tmp_path):
+    for step in (999_980, 999_990, 1_000_000, 1_000_010):
+        checkpoint.save(tmp_path, step, {"state.pt": {"w": torch.full((4,), float(step))}}, meta={}, keep=2)
+    # "step-1000010" < "step-999990" as strings: the newest must still win, and pruning keep it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-1000010"]
+    found = checkpoint.latest(tmp_path)
+    assert found.step == 1_000_010
+    assert checkpoint.load_file(found.path / "state.pt")["w"][0].item() == 1_000_010.0
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_tmp_folder(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "write_synced", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, 5, {"state.pt": {"w": torch.ones(2)}}, meta={})
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- elastic restart ------------------------------------------------------
 def test_kill_9_restarts_all_ranks_and_redoes_at_most_c_steps(runs_dir):
     cfg = BASE.replace(run_dir=runs_dir, max_restarts=1, fault={"rank": 1, "step": 13, "kind": "sigkill"})
