@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(RunConfig):
         if f.type in flag_types:
             run_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=flag_types[f.type])
+        elif f.type == "bool":  # e.g. --oversubscribe
+            run_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, action="store_true")
     for knob in registry.knob_names():  # a strategy's fields
         run_cmd.add_argument("--" + knob.replace("_", "-"), dest=knob, default=None, type=_flag_value)
     run_cmd.add_argument(

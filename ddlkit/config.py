@@ -16,25 +16,16 @@ import difflib
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import registry
-from .knobs import (
-    check_faults,
-    check_stragglers,
-    choice_problem,
-    is_int,
-    non_negative_int,
-    optional,
-    positive_int,
-    positive_number,
-    problem,
-    require,
-)
+from . import limits, registry
+from .files import write_atomic
+from .knobs import FIELD_CHECKS, check_faults, check_stragglers, choice_problem, problem, require
 
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
@@ -95,6 +86,8 @@ class RunConfig:
     slowdown: dict[int, float] | None = None
     delay_s: dict[int, float] | None = None
     delay_jitter_s: float = 0.0
+    # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
+    oversubscribe: bool = False
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})
@@ -105,6 +98,8 @@ class RunConfig:
         if name in ("slowdown", "delay_s") and isinstance(value, dict):
             # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
             value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+        if name == "run_dir" and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a pathlib.Path is welcome; the config keeps plain, serialisable values
         if name in _COMMON:
             object.__setattr__(self, name, value)
         elif registry.knob(name) is not None:
@@ -131,26 +126,15 @@ class RunConfig:
         for name, options in (("model", MODELS), ("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("device", DEVICES)):
             require(choice_problem(name, getattr(self, name), options))
         spec = registry.get(self.strategy)
-        for name in ("world_size", "steps", "batch_size", "log_every", "hidden", "seq_len", "keep_checkpoints"):
-            require(problem(name, getattr(self, name), positive_int, "a positive integer"))
-        require(problem("threads", self.threads, optional(positive_int), "a positive integer (or None: cores / ranks)"))
-        require(
-            problem("checkpoint_every", self.checkpoint_every, optional(positive_int), "a positive integer (or None)")
-        )
-        require(
-            problem(
-                "max_restarts", self.max_restarts, non_negative_int, "an integer >= 0 (0: a failed rank fails the run)"
-            )
-        )
-        for name in ("lr", "hang_timeout"):
-            require(problem(name, getattr(self, name), positive_number, "a positive number"))
-        require(problem("seed", self.seed, is_int, "an integer"))
+        for name, check, valid in FIELD_CHECKS:
+            require(problem(name, getattr(self, name), check, valid))
         if self.dataset not in COMPATIBLE[self.model]:
             raise ValueError(
                 f"model={self.model!r} cannot train on dataset={self.dataset!r}: "
                 f"valid datasets for {self.model!r} are {list(COMPATIBLE[self.model])}"
             )
-        self._validate_device(spec)
+        limits.check_device(self.device, self.resolved_device(), self.world_size, self.strategy, spec.cpu_only)
+        limits.check_ranks(self.world_size, self.resolved_device(), self.oversubscribe, self.threads)
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
         self._validate_knobs(spec)
@@ -162,6 +146,7 @@ class RunConfig:
                 "use checkpoint_every=None (restarts then begin again at step 0)"
             )
         spec.layout(self)
+        limits.check_batch(self.batch_size, spec.dp_size(self), self.dataset, self.seq_len)
 
     def _validate_knobs(self, spec: registry.StrategySpec) -> None:
         """Every knob set must be valid, and read by the chosen strategy unless left at its default."""
@@ -175,25 +160,6 @@ class RunConfig:
                     f"{name}={value!r} is invalid for strategy={self.strategy!r}: it is read by "
                     f"{registry.readers(name)}; leave it at {knob.default!r} or pick one of those"
                 )
-
-    def _validate_device(self, spec: registry.StrategySpec) -> None:
-        if self.device == "cpu":
-            return
-        import torch  # deferred: config stays cheap to import
-
-        gpus = torch.cuda.device_count()
-        if self.device == "cuda" and gpus == 0:
-            raise ValueError("device='cuda' is invalid: no CUDA device is visible; valid here: 'cpu' or 'auto'")
-        if self.resolved_device() == "cuda" and spec.cpu_only:
-            raise ValueError(
-                f"strategy={self.strategy!r} is invalid on device='cuda': it runs on CPU processes "
-                "(any-source recv, shared memory); valid: device='cpu'"
-            )
-        if self.resolved_device() == "cuda" and self.world_size > gpus:
-            raise ValueError(
-                f"world_size={self.world_size} is invalid on device={self.device!r}: "
-                f"only {gpus} GPU(s) are visible; valid: 1..{gpus}, or device='cpu'"
-            )
 
     def resolved_device(self) -> str:
         """'cpu' or 'cuda': what 'auto' means on this machine."""
@@ -232,16 +198,16 @@ class RunConfig:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as YAML (.yaml/.yml) or JSON (anything else)."""
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        else:
-            path.write_text(json.dumps(self.to_dict(), indent=2))
+        data = self.to_dict()
+        yaml_file = path.suffix in (".yaml", ".yml")
+        text = yaml.dump(data, Dumper=YamlDumper, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
+        write_atomic(path, lambda f: f.write(text.encode()))  # whole or absent, even on a full disk
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunConfig:
         """Read a YAML or JSON file written by :meth:`save` (or by hand)."""
         path = Path(path)
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.load(path.read_text(), YamlLoader)
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a mapping of config fields")
         return cls.from_dict(data)
@@ -267,6 +233,22 @@ class RunConfig:
 
 
 _COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "knobs")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as people write it: ``1e-5`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """Quotes what :class:`YamlLoader` would not read back as the same string (``"1e-5"``)."""
+
+
+for _yaml in (YamlLoader, YamlDumper):
+    _yaml.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
+        list("-+0123456789."),
+    )
 
 
 def unknown_fields(names: list[str]) -> str:

@@ -107,6 +107,11 @@ def positive_int(value: Any) -> bool:
     return is_int(value) and value >= 1
 
 
+def within(low: int, high: int) -> Callable[[Any], bool]:
+    """An integer low..high (both included)."""
+    return lambda value: is_int(value) and low <= value <= high
+
+
 def non_negative_int(value: Any) -> bool:
     return is_int(value) and value >= 0
 
@@ -146,7 +151,27 @@ def choice_problem(name: str, value: Any, options: Sequence[Any]) -> str | None:
     return message + (f" (did you mean {near[0]!r}?)" if near else "")
 
 
-FAULT_KINDS = ("exception", "exit", "sigkill", "hang")
+MAX_HIDDEN, MAX_SEQ_LEN = 4096, 4096
+SEED_LIMIT = 2**63  # torch seeds are 64-bit; the data stream adds the epoch to the seed
+
+# The common fields' own checks (field, check, what is valid), in the order validate() reports them.
+FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    *((name, positive_int, "a positive integer") for name in ("world_size", "steps", "batch_size", "log_every")),
+    ("hidden", within(1, MAX_HIDDEN), f"an integer 1..{MAX_HIDDEN} (the built-in models are small)"),
+    ("seq_len", within(1, MAX_SEQ_LEN), f"an integer 1..{MAX_SEQ_LEN}"),
+    ("keep_checkpoints", positive_int, "a positive integer"),
+    ("threads", optional(positive_int), "a positive integer (or None: cores / ranks)"),
+    ("checkpoint_every", optional(positive_int), "a positive integer (or None)"),
+    ("max_restarts", non_negative_int, "an integer >= 0 (0: a failed rank fails the run)"),
+    ("lr", positive_number, "a positive number"),
+    ("hang_timeout", lambda v: is_number(v) and v >= 1, "a number of seconds >= 1 (ranks beat once a second)"),
+    ("seed", within(0, SEED_LIMIT - 1), "an integer 0..2**63-1"),
+    ("run_dir", lambda v: isinstance(v, str) and v != "", "a folder (a non-empty str or pathlib.Path)"),
+    ("oversubscribe", boolean, "True or False"),
+)
+
+
+FAULT_KINDS = ("exception", "exit", "sigkill", "sigstop", "hang")
 
 
 def check_faults(faults: list[Any], world_size: int, steps: int, max_restarts: int) -> None:

@@ -110,3 +110,15 @@ def test_the_worker_runs_under_accelerate_launch(tmp_path):
     assert run.status == "done" and len(run.metrics) == 20
     assert sorted(run.metrics["rank"].unique()) == [0, 1]
     assert run.result().state_dict is not None
+
+
+def test_oversubscribe_is_a_flag(tmp_path, capsys):
+    from ddlkit import limits
+    from ddlkit.cli import main
+
+    too_many = str(limits.RANKS_PER_CORE * limits.cpu_cores() + 1)
+    assert main(["run", "--world-size", too_many, "--batch-size", "100000"]) == 2
+    assert "or set oversubscribe=True" in capsys.readouterr().err
+    # with the flag the world size passes; what is refused now is the batch, checked after it
+    assert main(["run", "--world-size", too_many, "--batch-size", "100000", "--oversubscribe"]) == 2
+    assert "batch_size=100000 is invalid" in capsys.readouterr().err
