@@ -102,7 +102,8 @@ def save(
     final = root / name_of(step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt that died while writing
-        tmp.mkdir(parents=True)
+        root.mkdir(exist_ok=True)  # not parents: a run folder that was removed is not made again
+        tmp.mkdir()
     if sharded and barrier is not None:
         barrier()  # the folder exists before anyone writes into it
     try:

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def write_synced(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Create ``path`` with ``write(file)`` and fsync it (no rename)."""
@@ -42,6 +40,8 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 def save_torch(obj: Any, path: Path) -> None:
     """Tensors and containers, atomically (load with ``weights_only=True``)."""
+    import torch  # deferred: config (which writes through this module) stays cheap to import
+
     write_atomic(path, lambda f: torch.save(obj, f))
 
 

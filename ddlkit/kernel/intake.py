@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from .. import channel
 from ..channel import ChannelServer
+from .records import RecordError, write_all
 
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 TAIL_LINES = 50  # per rank, for the failure report
@@ -40,16 +41,17 @@ class Intake:
         self.world_size = 0
         self.on_connect: Callable[[int], None] = lambda rank: None
         self._partial: dict[int, bytes] = {}
-        self._logs: dict[int, IO[bytes]] = {}
+        self._logs: dict[int, int] = {}  # rank -> file descriptor of rank<r>.log (unbuffered: nothing to lose at close)
         self._send_lock = threading.Lock()
 
     def adopt(self, world_size: int, outputs: dict[int, IO[bytes]]) -> None:
         """Read a new attempt's ranks (at launch and after every restart)."""
         self.world_size = world_size
-        self.outputs = dict(outputs)
         self.tails = {rank: deque(maxlen=TAIL_LINES) for rank in outputs}
         self._partial = {rank: b"" for rank in outputs}
-        self._logs = {rank: open(self.folder / f"rank{rank}.log", "ab") for rank in outputs}
+        for rank in outputs:
+            self._logs[rank] = self._open_log(rank)
+        self.outputs = dict(outputs)
         for rank, stream in outputs.items():
             os.set_blocking(stream.fileno(), False)
             self.selector.register(stream, selectors.EVENT_READ, partial(self._read_output, rank))
@@ -90,12 +92,22 @@ class Intake:
             conn.close()
         self.connections.clear()
         for log in self._logs.values():
-            log.close()
+            os.close(log)
+        self._logs.clear()
 
     def close(self) -> None:
-        self.end_attempt()
-        self.selector.close()
-        self.server.close()
+        try:
+            self.end_attempt()
+        finally:
+            self.selector.close()
+            self.server.close()
+
+    def _open_log(self, rank: int) -> int:
+        path = self.folder / f"rank{rank}.log"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise RecordError(f"cannot write {path}: {exc}") from exc
 
     # ---- reading ----------------------------------------------------------
     def _accept(self, _arrived: list[Arrival]) -> None:
@@ -130,8 +142,10 @@ class Intake:
         if not data:
             self._close_output(rank)
             return
-        self._logs[rank].write(data)
-        self._logs[rank].flush()
+        try:
+            write_all(self._logs[rank], data)
+        except OSError as exc:
+            raise RecordError(f"cannot write {self.folder / f'rank{rank}.log'}: {exc}") from exc
         *lines, self._partial[rank] = (self._partial[rank] + data).split(b"\n")
         for line in lines:
             self._emit(rank, line)
