@@ -70,6 +70,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         cfg.lr,
     )
     strategy.setup(ctx)
+    reporter.mark_started()  # every rank has joined the group: from here a rank without steps hangs
     summary = strategy.serve(ctx) if strategy.serves() else run_steps(ctx, strategy, spec.checkpoint is not None)
     summary.update(strategy.finish(ctx))
     state = strategy.full_state_dict()
