@@ -118,6 +118,36 @@ def test_kill_9_restarts_all_ranks_and_redoes_at_most_c_steps(runs_dir):
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
 
 
+def test_rows_of_a_killed_rank_are_never_lost_behind_a_checkpoint(runs_dir):
+    """Rank 1 is killed as it starts step 10, just after checkpoint 10: the rows
+    it logged in its last 0.1 s must not be lost (its reporter sends in batches)
+    while the restart resumes after them. Every rank has every step, once."""
+    cfg = BASE.replace(run_dir=runs_dir, steps=15, max_restarts=1, fault={"rank": 1, "step": 10, "kind": "sigkill"})
+    run = ddlkit.launch(cfg, echo=False).wait(timeout=240)
+    assert run.status == "done"
+    rows = run.metrics
+    for rank in (0, 1):
+        assert sorted(rows.query(f"rank == {rank}")["step"]) == list(range(cfg.steps)), f"rank {rank}"
+    assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
+
+
+def test_a_restart_resumes_no_later_than_the_rows_that_arrived(tmp_path):
+    """Should rows be lost anyway (a rank killed between its last step and the
+    checkpoint its peers finish), the kernel restarts from an older checkpoint."""
+    from ddlkit.kernel.ranks import RankState
+    from ddlkit.kernel.restarts import Restarts
+    from ddlkit.kernel.run import Run
+
+    for step in (5, 10):
+        checkpoint.save(checkpoint.folder_of(tmp_path), step, {"state.pt": {"w": torch.ones(1)}}, meta={}, keep=3)
+    rows = [{"type": "step", "rank": r, "step": s, "time": 1.0} for r in (0, 1) for s in range(12) if (r, s) != (1, 8)]
+    run = Run.from_events(rows, path=tmp_path, status="running")
+    ranks = [RankState(0, None, returncode=-9), RankState(1, None, returncode=-9)]  # type: ignore[arg-type]
+    attempt = Restarts(run, BASE.replace(max_restarts=1)).next(ranks)
+    assert attempt.event["from_step"] == 5  # not 10: rank 1's row of step 8 never arrived, so step 8 is redone
+    assert "step-000010 is not used: the rows of step 8 never arrived" in attempt.event["skipped"][0]
+
+
 def test_restarts_are_reliable_20_of_20(runs_dir):
     # Attempt i resumes at step 2i, checkpoints step 2i+2 and loses a rank there:
     # 20 faults (SIGKILL, exception, os._exit on either rank), 20 restarts.

@@ -120,6 +120,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, checkpointed: bool) -> dict[
         else:
             reporter.last_step = step  # progress for the hang detector, no event
         if checkpoints and checkpoints.due(steps_done) and steps_done < cfg.steps:
+            reporter.flush()  # this rank's rows go out before the checkpoint can make them unredoable
             checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     train_s = time.perf_counter() - started
     stopped = steps_done < cfg.steps
