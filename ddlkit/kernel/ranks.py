@@ -132,8 +132,10 @@ def culprit(ranks: list[RankState]) -> RankState | None:
 def traceback_in(lines: list[str]) -> str | None:
     """The last Python traceback in some output lines, if there is one.
 
-    >>> traceback_in(["starting", "Traceback (most recent call last):", '  File "x.py"', "ValueError: bad"])
-    'Traceback (most recent call last):\n  File "x.py"\nValueError: bad'
+    >>> print(traceback_in(["starting", "Traceback (most recent call last):", "  in f", "ValueError: bad"]))
+    Traceback (most recent call last):
+      in f
+    ValueError: bad
     """
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
     return "\n".join(lines[starts[-1] :]) if starts else None

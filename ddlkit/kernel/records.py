@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class RunLog:
     def __init__(self, run: Run):
         self.run = run
         self.path = run.path / "events.jsonl"
+        self._lock = threading.Lock()  # the supervisor's thread and Run.control (the kernel's) both append
         try:
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
             end_torn_line(self._fd)  # a resumed run's log may end in a line its old kernel never finished
@@ -57,21 +59,22 @@ class RunLog:
 
     def append(self, events: list[dict[str, Any]]) -> None:
         """Record events on disk, then in the Run (so both always hold the same)."""
-        if self._fd is None:
-            raise RecordError(f"{self.path} is closed")
         data = "".join(json.dumps(event) + "\n" for event in events).encode()
-        end = os.fstat(self._fd).st_size
-        try:
-            write_all(self._fd, data)
-            if os.fstat(self._fd).st_nlink == 0:  # written into a file that no longer has a name
-                raise FileNotFoundError(errno.ENOENT, "the file was deleted (was the run folder removed?)")
-        except OSError as exc:
+        with self._lock:
+            if self._fd is None:
+                raise RecordError(f"{self.path} is closed")
+            end = os.fstat(self._fd).st_size
             try:
-                os.ftruncate(self._fd, end)  # no torn line: the log ends with the last whole batch
-            except OSError:
-                pass
-            raise RecordError(f"cannot write {self.path}: {exc}") from exc
-        self.run.record(events)
+                write_all(self._fd, data)
+                if os.fstat(self._fd).st_nlink == 0:  # written into a file that no longer has a name
+                    raise FileNotFoundError(errno.ENOENT, "the file was deleted (was the run folder removed?)")
+            except OSError as exc:
+                try:
+                    os.ftruncate(self._fd, end)  # no torn line: the log ends with the last whole batch
+                except OSError:
+                    pass
+                raise RecordError(f"cannot write {self.path}: {exc}") from exc
+            self.run.record(events)
 
     def close(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` and close the log; the log is closed even if the summary fails."""
@@ -80,9 +83,10 @@ class RunLog:
         except OSError as exc:
             raise RecordError(f"cannot write {self.run.path / 'summary.json'}: {exc}") from exc
         finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            with self._lock:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
 
 
 def write_all(fd: int, data: bytes) -> None:
