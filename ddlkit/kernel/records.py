@@ -134,7 +134,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         raise FileNotFoundError(f"{path} is not a run folder (expected runs/<id>/)")
     meta = _read_meta(path)
     logs = [path / "events.jsonl"] if (path / "events.jsonl").exists() else sorted(path.glob("events-rank*.jsonl"))
-    if not meta and not logs:
+    if not (path / "run.json").exists() and not logs:
         raise ValueError(f"{path} is not a run folder: it has no run.json, events.jsonl or events-rank<r>.jsonl")
     events = [event for log in logs for event in read_events(log) if event["type"] != "beat"]
     if "started" not in meta:

@@ -81,8 +81,11 @@ def continue_run(path: Path, world_size: int, say: Callable[[str], None]) -> tup
     """A Run for the resumed folder that already holds its old events, the
     ``restart`` event that announces the new attempt, and the checkpoint it
     starts from. Says which checkpoints it skipped and why."""
+    found = find_resume_point(path)  # none at all: that is the error to give
     old = load_run(path)
-    found = find_resume_point(path, rows_arrived_until(old, RunConfig.load(path / "config.json")))
+    until = rows_arrived_until(old, RunConfig.load(path / "config.json"))
+    if until is not None and found.step > until:  # some rank's rows before it never arrived
+        found = find_resume_point(path, until)
     saved_by = found.manifest.get("world_size")
     if found.manifest.get("layout") == "sharded" and saved_by != world_size:
         raise ValueError(
