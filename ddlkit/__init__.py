@@ -34,6 +34,7 @@ __all__ = [
     "figures",
     "timeline",
     "staleness",
+    "federated",
 ]
 
 # The view side, imported on first use: workers import ddlkit too, and need no plotly or widgets.
@@ -43,7 +44,7 @@ _LAZY = {
     "sweep": "view.sweeps",
     "report": "view.figures",
 }
-_VIEW_MODULES = ("figures", "timeline", "staleness")
+_VIEW_MODULES = ("figures", "timeline", "staleness", "federated")
 
 
 def __getattr__(name: str) -> Any:

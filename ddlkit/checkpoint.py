@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from . import registry
 from .config import RunConfig
-from .files import fsync_dir, write_synced
+from .files import fsync_dir, make_dir, open_private, write_synced
 
 MANIFEST = "manifest.json"
 CONSOLIDATED = "state.pt"
@@ -102,8 +102,9 @@ def save(
     final = root / name_of(step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt that died while writing
-        root.mkdir(exist_ok=True)  # not parents: a run folder that was removed is not made again
-        tmp.mkdir()
+        if not root.parent.is_dir():  # a run folder that was removed is not made again
+            raise FileNotFoundError(f"{root.parent} is gone: no checkpoint is written there")
+        make_dir(tmp, exist_ok=False)
     if sharded and barrier is not None:
         barrier()  # the folder exists before anyone writes into it
     try:
@@ -122,7 +123,7 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, sharded: bool, meta: 
     """Rank 0: the manifest last, then the rename that makes the checkpoint exist."""
     entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     manifest = {"step": step, "layout": "sharded" if sharded else "consolidated", "files": entries, **meta}
-    with open(tmp / MANIFEST, "w") as f:
+    with open_private(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())

@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: RunConfig, report: bool, resume: str | None = None) -> int:
-    print(f"ddlkit: {cfg.strategy} parallel, {cfg.world_size} rank(s), {cfg.model} on {cfg.dataset}, {cfg.steps} steps")
+    length = registry.get(cfg.strategy).length(cfg)  # steps, or a round-based strategy's rounds
+    print(f"ddlkit: {cfg.strategy} parallel, {cfg.world_size} rank(s), {cfg.model} on {cfg.dataset}, {length} steps")
     run = launch(cfg, echo=tqdm.write, resume=resume)
     try:
-        _follow(run, cfg.steps)
+        _follow(run, length)
         run.wait()
     except KeyboardInterrupt:
         run.stop()

@@ -88,6 +88,9 @@ class RunConfig:
     delay_jitter_s: float = 0.0
     # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
     oversubscribe: bool = False
+    # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
+    # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
+    eval_every: int | None = None
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})

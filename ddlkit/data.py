@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
+HELD_OUT = 0.2  # the share of a dataset kept for evaluation when a run evaluates (``eval_every``)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,32 @@ def dataset_size(name: str, seq_len: int = 32) -> int:
 @lru_cache(maxsize=1)
 def _sonnet_text() -> str:
     return (ASSETS / "sonnets.txt").read_text()
+
+
+def held_out_split(dataset: Dataset, seed: int = 0, fraction: float = HELD_OUT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training samples and of the held-out ones, a pure function
+    of the dataset and the seed: every rank and every strategy trains on the same
+    samples and none of them ever trains on a held-out one. The held-out samples
+    are a seeded random ``fraction``; for ``sonnets`` (overlapping windows of one
+    text) the end of the text, ``seq_len`` characters apart from the training
+    windows so that no character is in both.
+
+    >>> train, test = held_out_split(load_dataset("digits"))
+    >>> len(train), len(test), len(set(train.tolist()) & set(test.tolist()))
+    (1438, 359, 0)
+    """
+    n = len(dataset)
+    tested = int(n * fraction)
+    if dataset.task == "lm":
+        gap = dataset.inputs.shape[1]  # windows closer than seq_len share characters
+        return torch.arange(0, n - tested - gap), torch.arange(n - tested, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[tested:].sort().values, order[:tested].sort().values
+
+
+def subset(dataset: Dataset, index: torch.Tensor) -> Dataset:
+    """The samples of ``dataset`` at ``index``, in that order."""
+    return Dataset(dataset.name, dataset.inputs[index], dataset.targets[index], dataset.task, dataset.num_outputs)
 
 
 @lru_cache(maxsize=1)

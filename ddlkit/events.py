@@ -8,7 +8,7 @@ sends, and the kernel adds ``attempt`` when it records.
 >>> Checkpoint(type="checkpoint", step=40, path="runs/x/checkpoints/step-000040")["step"]
 40
 >>> sorted(TYPES)[:3]
-['beat', 'checkpoint', 'comm']
+['beat', 'checkpoint', 'client']
 """
 
 # No `from __future__ import annotations`: TypedDict reads NotRequired from evaluated annotations.
@@ -128,6 +128,53 @@ class Beat(Event):
     waiting: NotRequired[bool]  # its main thread is in communication (waiting for peers), not in its own code
 
 
+class Eval(Event):
+    step: int  # steps (rounds) done when measured
+    loss: float
+    accuracy: NotRequired[float]  # not for regression
+    samples: int
+
+
+class Round(Event):
+    round: int
+    sampled: int
+    completed: int  # whole or partial work aggregated
+    partial: int  # of those, partial work (FedProx under a deadline)
+    dropped: int
+    samples: int  # training samples of the completed clients
+    loss: NotRequired[float]  # their mean local training loss, weighted by samples
+    update_norm: float  # of the aggregated update
+    bytes_down: int
+    bytes_up: int
+    sim_s: float
+    sim_total_s: float
+    wall_s: float
+    fraction: float
+    local_epochs: int
+    mu: float
+    knobs: NotRequired[dict[str, Any]]  # live knobs applied at this round's start
+    epsilon: NotRequired[float]
+
+
+class Client(Event):
+    client: int
+    round: int
+    samples: int
+    local_steps: int
+    update_norm: float
+    loss: NotRequired[float]
+    dropped: bool
+    partial: bool
+    reason: str
+    sim_s: float
+
+
+class Partition(Event):
+    partition: str
+    labels: list[int]
+    counts: list[list[int]]  # clients x labels
+
+
 TYPES: dict[str, type] = {
     "step": Step,
     "span": Span,
@@ -142,6 +189,10 @@ TYPES: dict[str, type] = {
     "error": Error,
     "finished": Finished,
     "beat": Beat,
+    "eval": Eval,
+    "round": Round,
+    "client": Client,
+    "partition": Partition,
 }
 COMMON_FIELDS = ("type", "rank", "time", "attempt")
 

@@ -161,7 +161,7 @@ FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seq_len", within(1, MAX_SEQ_LEN), f"an integer 1..{MAX_SEQ_LEN}"),
     ("keep_checkpoints", positive_int, "a positive integer"),
     ("threads", optional(positive_int), "a positive integer (or None: cores / ranks)"),
-    ("checkpoint_every", optional(positive_int), "a positive integer (or None)"),
+    *((name, optional(positive_int), "a positive integer (or None)") for name in ("checkpoint_every", "eval_every")),
     ("max_restarts", non_negative_int, "an integer >= 0 (0: a failed rank fails the run)"),
     ("lr", positive_number, "a positive number"),
     ("hang_timeout", lambda v: is_number(v) and v >= 1, "a number of seconds >= 1 (ranks beat once a second)"),

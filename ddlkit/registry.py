@@ -43,6 +43,14 @@ def _every_rank(cfg: Any) -> int:
     return int(cfg.world_size)
 
 
+def _rank_zero(cfg: Any) -> int:
+    return 0
+
+
+def _config_steps(cfg: Any) -> int:
+    return int(cfg.steps)
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """What a strategy file declares about itself.
@@ -58,6 +66,9 @@ class StrategySpec:
     - ``lockstep``: ranks step together, so live changes are agreed by a collective.
     - ``cpu_only``: it needs CPU processes (any-source receives, shared memory).
     - ``position``: where menus list it (lower first).
+    - ``evaluator(cfg)``: the rank that measures the held-out data (``eval_every``):
+      one whose ``full_state_dict()`` is the whole model at its steps.
+    - ``length(cfg)``: the steps (a round-based strategy: rounds) a run takes; progress bars end there.
     """
 
     name: str
@@ -70,6 +81,8 @@ class StrategySpec:
     lockstep: bool = True
     cpu_only: bool = False
     position: int = 100
+    evaluator: Callable[[Any], int] = _rank_zero
+    length: Callable[[Any], int] = _config_steps
     module: str = field(default="", compare=False)
 
 

@@ -5,6 +5,7 @@ Edit a notebook here, run `python tools/make_notebooks.py`, commit both.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -631,6 +632,15 @@ assert 1.5 < comm_bytes(fsdp) / comm_bytes(ddp) < 2.5""",
 ]
 
 
+def cells_from(file: str, name: str) -> list[tuple[str, str]]:
+    """A notebook's cells kept in their own file beside this one."""
+    spec = importlib.util.spec_from_file_location(file.removesuffix(".py"), Path(__file__).resolve().parent / file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
 def write_all(folder: Path = NOTEBOOKS) -> None:
     for name, cells in [
         ("00_quickstart.ipynb", QUICKSTART),
@@ -639,6 +649,7 @@ def write_all(folder: Path = NOTEBOOKS) -> None:
         ("03_hybrid.ipynb", HYBRID),
         ("04_async_parameter_server.ipynb", ASYNC_PARAMETER_SERVER),
         ("05_fault_tolerance.ipynb", FAULT_TOLERANCE),
+        ("06_federated.ipynb", cells_from("notebook_federated.py", "FEDERATED")),
     ]:
         write(name, cells, folder)
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from .. import channel
 from ..channel import ChannelServer
+from ..files import open_private_fd
 from .records import RecordError, write_all
 
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
@@ -105,22 +106,21 @@ class Intake:
     def _open_log(self, rank: int) -> int:
         path = self.folder / f"rank{rank}.log"
         try:
-            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            return open_private_fd(path, "ab")
         except OSError as exc:
             raise RecordError(f"cannot write {path}: {exc}") from exc
 
     # ---- reading ----------------------------------------------------------
     def _accept(self, _arrived: list[Arrival]) -> None:
-        accepted = self.server.accept()
-        if accepted is None:
-            return
-        rank, conn = accepted
-        if not 0 <= rank < self.world_size or rank in self.connections:
-            conn.close()
-            return
-        self.connections[rank] = conn
-        self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
-        self.on_connect(rank)
+        # Only authenticated ranks arrive here: the server handshakes on a thread of its own.
+        while (accepted := self.server.accept()) is not None:
+            rank, conn = accepted
+            if not 0 <= rank < self.world_size or rank in self.connections:
+                conn.close()
+                continue
+            self.connections[rank] = conn
+            self.selector.register(conn, selectors.EVENT_READ, partial(self._read_events, rank))
+            self.on_connect(rank)
 
     def _read_events(self, rank: int, arrived: list[Arrival]) -> None:
         conn = self.connections[rank]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +20,13 @@ import torch
 from ..channel import ChannelServer, new_token
 from ..config import RunConfig
 from ..events import Restart
+from ..files import make_dir, run_modes
+from ..runid import new_run_id
 from .restarts import Restarts
 from .resume import continue_run, resume_folder
 from .run import Run
-from .starter import Rendezvous, Starter
+from .starter import Starter
+from .store import Rendezvous
 from .supervisor import Supervisor
 
 
@@ -45,7 +47,9 @@ def launch(
     function (like ``accelerate.notebook_launcher``: a plain ``Accelerator()``
     inside it joins one ``num_processes``-rank group, on CPU too), or the
     importable name ``"module:function"`` of one. Worker output reaches
-    ``echo`` (print, by default) tagged by rank.
+    ``echo`` (print, by default) tagged by rank. The run's folder and every
+    file in it are yours alone (0700/0600) unless ``DDLKIT_RUN_MODE`` says
+    otherwise (docs/security.md).
 
     ``oversubscribe=True`` lets a function run more processes than
     ``ddlkit.limits.RANKS_PER_CORE`` per CPU core (a RunConfig has the same field).
@@ -59,6 +63,7 @@ def launch(
         run = ddlkit.launch(ddlkit.RunConfig(strategy="data", world_size=2, steps=5), echo=False)
         run.wait(timeout=120).status   # 'done'
     """
+    run_modes()  # a bad DDLKIT_RUN_MODE is refused before anything is written
     if resume is not None:  # the run folder's config, unless another is given
         target = target or RunConfig.load(resume_folder(resume) / "config.json")
     if isinstance(target, RunConfig):
@@ -112,9 +117,8 @@ def _start(
     target = "config" if config is not None else spawn_name or getattr(function, "__qualname__", repr(function))
     say = (lambda line: print(line, flush=True)) if echo is True else (echo or None)
     if resume is None:
-        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-        path = runs_root / run_id
-        path.mkdir(parents=True)
+        run_id = new_run_id()
+        path = make_dir(make_dir(runs_root) / run_id, exist_ok=False)  # 0700 unless DDLKIT_RUN_MODE says
         run = Run(run_id, path, world_size, time.time(), meta={"target": target, "device": device})
         announce: list[Restart] = []
         attempt, checkpoint = 0, None

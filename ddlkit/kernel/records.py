@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
-from ..files import write_json
+from ..files import open_private_fd, write_json
 from .run import Run
 
 STATUSES = ("done", "failed", "stopped")
@@ -44,7 +44,7 @@ class RunLog:
         self.path = run.path / "events.jsonl"
         self._lock = threading.Lock()  # the supervisor's thread and Run.control (the kernel's) both append
         try:
-            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            self._fd: int | None = open_private_fd(self.path, "a+")
             end_torn_line(self._fd)  # a resumed run's log may end in a line its old kernel never finished
         except OSError as exc:
             raise RecordError(f"cannot write {self.path}: {exc}") from exc

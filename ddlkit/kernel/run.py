@@ -66,7 +66,7 @@ class Run:
         self.steps_done = 0  # highest logged step + 1, over all ranks
         self.summary: dict[str, Any] = {}
         self.pids: list[int] = []  # worker processes (each leads its own process group)
-        self.ports: list[int] = []  # the rendezvous store's and the channel's, on 127.0.0.1
+        self.ports: list[int] = []  # the rendezvous store's, the channel's, and the store's private one; 127.0.0.1
         self._rows: list[dict[str, Any]] = []  # step events: the metrics table
         self._table: tuple[int, pd.DataFrame] | None = None
         self._status = "starting"

@@ -1,10 +1,11 @@
 """Starting one attempt's worker processes, always the same way: at launch,
 and again for every restart or new layout.
 
-Three small pieces, each with one job: the rendezvous store every rank meets
-at, the environment each rank is given, and starting one worker process
-(spawned for built-in experiments and importable functions, forked for
-functions defined in a notebook).
+Small pieces, each with one job: the environment each rank is given (the
+rendezvous store it meets the others at, ``ddlkit.kernel.store``, and the
+channel it reports on), and starting one worker process (spawned for built-in
+experiments and importable functions, forked for functions defined in a
+notebook).
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch  # here rather than in launch(): the first import costs a second
-from torch.distributed import TCPStore
 
 from ..channel import ChannelServer
 from ..config import RunConfig
+from ..files import set_file_mode
 from .ranks import ForkedProcess, RankState, WorkerProcess, kill_group, wait_gone
+from .store import Rendezvous
 
 
 class Starter:
@@ -56,6 +56,7 @@ class Starter:
         self.config = config or self.config
         if self.config is not None:
             self.config.save(self.path / "config.json")  # what a later resume of this folder runs
+            set_file_mode(self.path / "config.json")
             argv = [sys.executable, "-m", "ddlkit.worker", str(self.path / "config.json")]
         else:
             argv = [sys.executable, "-m", "ddlkit.worker", "--function", self.spawn_name or ""]
@@ -65,7 +66,7 @@ class Starter:
         )
         ranks: list[RankState] = []
         outputs: dict[int, Any] = {}
-        kernel_fds = [self.server.fileno()]  # a forked worker must not hold the kernel's sockets open
+        kernel_fds = [*self.server.fds(), *self.rendezvous.fds()]  # a forked worker must not hold them open
         try:
             for rank in range(world_size):
                 env = worker_env(
@@ -99,28 +100,6 @@ class Starter:
         """The store and the channel's listening socket go with the run."""
         self.server.close()
         self.rendezvous.close()
-
-
-class Rendezvous:
-    """The TCPStore every rank meets at, hosted by the kernel so that it outlives
-    any rank. torch's store would listen on every interface; handing it a
-    socket bound to 127.0.0.1 keeps it on this machine."""
-
-    def __init__(self, host: str = "127.0.0.1", timeout_s: float = 300.0):
-        sock = socket.create_server((host, 0))
-        self.port: int = sock.getsockname()[1]
-        self._store: TCPStore | None = TCPStore(
-            host,
-            self.port,
-            None,
-            True,
-            timedelta(seconds=timeout_s),
-            wait_for_workers=False,
-            master_listen_fd=sock.detach(),
-        )
-
-    def close(self) -> None:
-        self._store = None  # the store owns the socket and closes it when destroyed
 
 
 def worker_env(

@@ -73,7 +73,8 @@ class Supervisor:
         self.start(ranks, outputs)
 
     def start(self, ranks: list[RankState], outputs: dict[int, IO[bytes]]) -> None:
-        self.run.ports = [self.starter.rendezvous.port, self.starter.server.address[1]]
+        rendezvous = self.starter.rendezvous
+        self.run.ports = [rendezvous.port, self.starter.server.address[1], *rendezvous.private_ports]
         try:
             self._adopt(ranks, outputs)
         except BaseException:  # e.g. run.json cannot be written: nothing may be left running

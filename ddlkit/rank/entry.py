@@ -17,10 +17,8 @@ import faulthandler
 import importlib
 import json
 import os
-import secrets
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,7 +29,8 @@ import torch.distributed as dist
 
 from .. import events
 from ..config import RunConfig
-from ..files import save_torch
+from ..files import check_own_dir, make_dir, save_torch, set_file_mode
+from ..runid import check_folder_name, is_run_id, new_run_id
 from .loop import train
 from .reporter import Reporter
 
@@ -88,17 +87,26 @@ def import_function(path: str) -> Callable[..., Any]:
 def agreed_run_id() -> str:
     """A run folder name that all ranks started by another launcher share: the
     launcher's run id, or else one that the first rank proposes in the store
-    that torchrun's (and accelerate launch's) agent hosts for every rank."""
+    that torchrun's (and accelerate launch's) agent hosts for every rank. That
+    store is open to every local user, so what it holds must be an id in
+    ddlkit's own format, never a path."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id != "none":
-        return run_id
-    proposal = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        return check_folder_name(run_id, "TORCHELASTIC_RUN_ID (torchrun's --rdzv-id)")
+    proposal = new_run_id()
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return proposal  # a single process
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=60)
     )
-    return store.compare_set("ddlkit/run_id", "", proposal).decode()
+    agreed = store.compare_set("ddlkit/run_id", "", proposal).decode(errors="replace")
+    if not is_run_id(agreed):
+        raise ValueError(
+            f"the run id in the launcher's store (key 'ddlkit/run_id') is {agreed[:80]!r}, not one a ddlkit rank "
+            "proposes (like 20261124-221727-b63606): another process wrote it, and it will not be used as a "
+            "folder name. Give the ranks one with torchrun --rdzv-id NAME"
+        )
+    return agreed
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -118,9 +126,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         serve(rank, run_dir, lambda reporter: train(read_config(opts.config), reporter, run_dir))
     cfg = read_config(opts.config)  # started by another launcher: the folder comes from the config
     run_dir = Path(cfg.run_dir) / agreed_run_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_own_dir(make_dir(run_dir))  # private; refused if someone else made it
     if rank == 0 and not (run_dir / "config.json").exists():
         cfg.save(run_dir / "config.json")
+        set_file_mode(run_dir / "config.json")
     serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))
 
 

@@ -23,10 +23,11 @@ import torch
 from .. import events, registry
 from ..checkpoint import Checkpointer
 from ..config import RunConfig
-from ..data import ShardedStream, load_dataset
+from ..data import Dataset, ShardedStream, held_out_split, load_dataset, subset
 from ..files import save_torch
 from ..models import build_model
 from .comm import CommCounter
+from .evaluate import HeldOut
 from .faults import attempt_number, faults_for, inject_fault
 from .group import join_attempt_group
 from .memory import MEMORY_STEP, MemoryMeter
@@ -52,6 +53,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     dataset = load_dataset(cfg.dataset, cfg.seed, cfg.seq_len)
     model = build_model(cfg.model, dataset, cfg.hidden, cfg.seq_len)
     spec = registry.get(cfg.strategy)
+    dataset, held_out = held_out_data(cfg, dataset, model, evaluates=rank == spec.evaluator(cfg))
     strategy: Strategy = spec.build(cfg, accelerator, model, dataset.task, make_optimizer(cfg))
     # Data is sharded over the data-parallel ranks: ranks of one model replica
     # (pipeline stages, tensor shards) see the same batch.
@@ -68,10 +70,11 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         dataset,
         ShardedStream(len(dataset), cfg.batch_size, strategy.dp_rank, strategy.dp_size, cfg.seed),
         cfg.lr,
+        held_out=held_out,
     )
     strategy.setup(ctx)
     reporter.mark_started()  # every rank has joined the group: from here a rank without steps hangs
-    summary = strategy.serve(ctx) if strategy.serves() else run_steps(ctx, strategy, spec.checkpoint is not None)
+    summary = strategy.serve(ctx) if strategy.serves() else run_steps(ctx, strategy, spec)
     summary.update(strategy.finish(ctx))
     state = strategy.full_state_dict()
     if rank == 0:
@@ -79,14 +82,27 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run_steps(ctx: RankContext, strategy: Strategy, checkpointed: bool) -> dict[str, Any]:
+def held_out_data(
+    cfg: RunConfig, dataset: Dataset, model: torch.nn.Module, evaluates: bool
+) -> tuple[Dataset, HeldOut | None]:
+    """With ``eval_every``: the samples every rank trains on (the held-out ones
+    removed) and, on the evaluating rank, the held-out samples with a copy of
+    the model made before the strategy wraps, cuts or shards it."""
+    if cfg.eval_every is None:
+        return dataset, None
+    train, test = held_out_split(dataset, cfg.seed)
+    return subset(dataset, train), HeldOut(model, subset(dataset, test)) if evaluates else None
+
+
+def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec) -> dict[str, Any]:
     """The steps of one rank, from the checkpoint the kernel chose (if any)."""
     cfg, reporter = ctx.cfg, ctx.reporter
-    checkpoints = Checkpointer(cfg, strategy, ctx.run_dir, ctx.rank, ctx.world_size) if checkpointed else None
+    checkpoints = Checkpointer(cfg, strategy, ctx.run_dir, ctx.rank, ctx.world_size) if spec.checkpoint else None
     first_step, saved_lr = checkpoints.restore(os.environ.get("DDLKIT_RESUME")) if checkpoints else (0, None)
     ctx.lr = ctx.lr if saved_lr is None else saved_lr  # the optimizer's state brought its own
 
     started, steps_done = time.perf_counter(), first_step
+    ctx.evaluate(first_step, strategy, everyone=spec.lockstep)
     for step in range(first_step, cfg.steps):
         live = ctx.controls.at_step(step)  # the same on every lockstep rank, at the same step
         if live.stop:
@@ -119,11 +135,14 @@ def run_steps(ctx: RankContext, strategy: Strategy, checkpointed: bool) -> dict[
             )
         else:
             reporter.last_step = step  # progress for the hang detector, no event
+        ctx.evaluate(steps_done, strategy, everyone=spec.lockstep)
         if checkpoints and checkpoints.due(steps_done) and steps_done < cfg.steps:
             reporter.flush()  # this rank's rows go out before the checkpoint can make them unredoable
             checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     train_s = time.perf_counter() - started
     stopped = steps_done < cfg.steps
+    if stopped:
+        ctx.evaluate(steps_done, strategy, everyone=spec.lockstep, stopped=True)
     if stopped and checkpoints and cfg.checkpoint_every is not None and not checkpoints.due(steps_done):
         checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)  # keep this step's state
     samples = (steps_done - first_step) * cfg.batch_size * strategy.dp_size

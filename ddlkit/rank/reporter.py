@@ -30,6 +30,7 @@ from typing import Any, cast
 
 from .. import channel, events
 from ..controls import Controls, from_json
+from ..files import make_dir, open_private
 
 HEARTBEAT_S = 1.0
 FLUSH_S = 0.1
@@ -58,7 +59,7 @@ class Reporter:
     def __init__(self, rank: int, conn: Connection | None = None, file: Path | None = None):
         self.rank = rank
         self._conn = conn
-        self._file = open(file, "a") if file is not None else None
+        self._file = open_private(file, "a") if file is not None else None
         self._lock = threading.Lock()
         self._pending: deque[dict[str, Any]] = deque()  # append and popleft are atomic
         self.last_step = -1
@@ -82,7 +83,7 @@ class Reporter:
             host, port = os.environ["DDLKIT_CHANNEL"].rsplit(":", 1)
             conn = channel.connect((host, int(port)), os.environ["DDLKIT_TOKEN"], rank)
             return cls(rank, conn=conn)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
         return cls(rank, file=run_dir / f"events-rank{rank}.jsonl")
 
     def activate(self) -> None:

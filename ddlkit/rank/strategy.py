@@ -30,10 +30,12 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import registry
 from ..config import RunConfig
 from ..controls import Controls
 from ..data import Dataset, ShardedStream
 from ..events import Event
+from .evaluate import HeldOut, due
 from .faults import inject_fault
 from .reporter import Reporter
 from .stragglers import Straggler
@@ -74,6 +76,7 @@ class RankContext:
     shard: ShardedStream
     lr: float
     straggled: bool = False  # this step's straggler pause was taken, by the strategy mid-step
+    held_out: HeldOut | None = None  # on the rank that evaluates, with ``eval_every``
 
     def straggle(self, work_started: float) -> float:
         """Pause as this rank's straggler settings say, for the work begun at
@@ -92,6 +95,21 @@ class RankContext:
             setattr(self.cfg, name, value)
         if changed:
             strategy.on_knobs(changed)
+
+    def evaluate(self, done: int, strategy: Strategy, everyone: bool = False, stopped: bool = False) -> None:
+        """After ``done`` steps (rounds), if an evaluation is due (every
+        ``eval_every``, and after the last; ``stopped``: the run stopped there, so
+        measure unless that step was due anyway): the evaluating rank measures
+        ``strategy.full_state_dict()`` on the held-out data and sends an ``eval``
+        event. ``everyone``: every rank calls this at the same steps and gives its
+        state (a lockstep strategy's ``full_state_dict`` may gather)."""
+        every = self.cfg.eval_every
+        regular = due(done, every, registry.get(self.cfg.strategy).length(self.cfg))
+        if every is None or regular == stopped or (self.held_out is None and not everyone):
+            return
+        state = strategy.full_state_dict()
+        if self.held_out is not None:
+            self.reporter.send(self.held_out.event(done, state))
 
     def tick(self, step: int, strategy: Strategy) -> Controls:
         """For a serving loop: the controls in force at its tick ``step`` (applied

@@ -140,9 +140,10 @@ class ParameterServer(Strategy):
         self.optimizer.step()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Servers 1.. send their shards to server 0, which returns the full state."""
+        """Servers 1.. send their shards to server 0, which returns the full state; a
+        worker returns the parameters it last pulled (what held-out evaluation measures)."""
         if not self.is_server:
-            return {}
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         flat = torch.cat([p.detach().flatten() for p in self.shards[self.rank]])
         if self.rank != 0:
             dist.send(flat, dst=0)
@@ -287,5 +288,6 @@ register(
         lockstep=False,
         cpu_only=True,
         position=2,
+        evaluator=lambda cfg: cfg.servers,  # the first worker: it holds every server's latest parameters
     )
 )

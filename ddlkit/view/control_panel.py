@@ -54,7 +54,7 @@ class ControlPanel:
         self.progress = widgets.IntProgress(value=0, min=0, max=self.base.steps, description="progress")
         self.status = widgets.HTML()
         self.error = widgets.HTML(layout=widgets.Layout(display="none"))
-        self.knob_box = widgets.HBox()
+        self.knob_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))  # federated has ~20 knobs
         self.slow_rank, self.slowdown = self._straggler_row()
         self.dashboard_box = widgets.Box()
         for name, hint in fields.COMMON.items():
@@ -143,7 +143,7 @@ class ControlPanel:
         self._slowdown_sent = dict(config.slowdown or {})
         self._show_error(None)
         self._lr_sent = config.lr
-        self.progress.max, self.progress.value = config.steps, 0
+        self.progress.max, self.progress.value = registry.get(config.strategy).length(config), 0
         self.run = launch(config, echo=False)
         self.pause_button.description, self.pause_button.icon = "Pause", "pause"
         self._set_buttons(live=True)

@@ -17,6 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..files import write_atomic
 from ..kernel.run import Run
 from .panels import Context, Panel, active_panels, panel_traces
 from .rundata import COLORS, RunData
@@ -82,9 +83,10 @@ def figure(runs: list[Run] | Run, baseline: Run | None = None, keys: list[str] |
 
 def report(run: Run, path: str | Path) -> Path:
     """The run's panels as a standalone HTML page (plotly's JavaScript embedded:
-    it opens offline)."""
+    it opens offline), private like the run's files (``ddlkit.files``)."""
     path = Path(path)
-    figure(run).write_html(path, include_plotlyjs=True, full_html=True)
+    page = figure(run).to_html(include_plotlyjs=True, full_html=True)
+    write_atomic(path, lambda f: f.write(page.encode()))
     return path
 
 

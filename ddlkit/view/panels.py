@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..kernel.run import Run
-from . import staleness, timeline
+from . import federated, staleness, timeline
 from .rundata import Context, RunData
 from .traces import TraceFunction, breakdown, loss, memory, speedup, throughput
 
@@ -98,6 +98,38 @@ PANELS: list[Panel] = [
         when=has_events("update"),
         x_title="seconds since launch",
         y_title="staleness",
+    ),
+    Panel(
+        "accuracy",
+        "held-out accuracy (▼ live knob applied)",
+        federated.accuracy_traces,
+        when=has_events("eval"),
+        x_title="steps / rounds done",
+        y_title="accuracy",
+    ),
+    Panel(
+        "participation",
+        "clients per round: whole / partial / dropped",
+        federated.participation_traces,
+        when=has_events("round"),
+        x_title="round",
+        y_title="clients",
+    ),
+    Panel(
+        "bytes",
+        "MB per round: down (solid) / up (dotted)",
+        federated.bytes_traces,
+        when=has_events("round"),
+        x_title="round",
+        y_title="MB",
+    ),
+    Panel(
+        "labels",
+        "training samples per client and label",
+        federated.label_traces,
+        when=has_events("partition"),
+        x_title="client",
+        y_title="label",
     ),
 ]
 

@@ -26,6 +26,7 @@ RECENT_POINTS = 200  # the newest points of a trace are never thinned
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 TIMES = ("compute_s", "comm_s", "wait_s")
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes")
+KEPT = ("eval", "round", "partition")  # events panels draw one point or bar each: kept as they are
 
 
 # ---- incremental data ------------------------------------------------------
@@ -77,20 +78,24 @@ class RunData:
     """What the panels read of one run, kept up to date by :meth:`update`,
     which parses only the events that arrived since it last ran."""
 
-    def __init__(self, run: Run, color: str = COLORS[0], read: bool = True):
+    def __init__(self, run: Run, color: str = COLORS[0], read: bool = True, name: str | None = None):
         self.run = run
         self.color = color
+        self.name = name  # what legends call the run (default: its id and size)
         self.cursor = 0  # events read so far
         self.ranks: dict[int, dict[str, _Column]] = {}  # rank -> step, time, loss
         self.per_step = _PerStep()
         self.event_counts: dict[str, int] = {}
         self.markers: list[dict[str, Any]] = []  # control and control_request events
         self.memory: dict[int, dict[str, float]] = {}  # rank -> bytes by kind
+        self.kept: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KEPT}
         if read:
             self.update()
 
     @property
     def label(self) -> str:
+        if self.name is not None:
+            return self.name
         return f"{self.run.id} · {self.run.world_size} rank{'s' if self.run.world_size > 1 else ''}"
 
     def update(self, limit: int | None = None) -> int:
@@ -122,6 +127,8 @@ class RunData:
                 self.markers.append(event)
             elif kind == "memory":
                 self.memory[event["rank"]] = {name: float(event.get(name, 0.0)) for name in MEMORY}
+            elif kind in KEPT:
+                self.kept[kind].append(event)
         if columns["step"]:
             self._add_steps({k: np.asarray(v, dtype=float) for k, v in columns.items()})
         return len(new)
