@@ -25,12 +25,14 @@ from .knobs import (
     Widget,
     choice,
     choice_problem,
+    flag,
     integer,
     is_int,
     is_number,
     non_negative_number,
     optional,
     positive_number,
+    within,
 )
 
 MODELS = ("mlp", "cnn", "lm")
@@ -38,6 +40,7 @@ DATASETS = ("digits", "synthetic", "regression", "sonnets")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 FAULT_KEYS = {"rank", "step", "kind", "attempt"}
+MAX_WIDTH = 4096  # hidden and seq_len: the built-in models are small; a typo must not eat the memory
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,28 @@ COMMON: dict[str, Knob] = {
             Widget("float", "lr", 1e-4, 1.0),
         ),
         choice("optimizer", "sgd", OPTIMIZERS, "optimizer", "sgd (plain), adam or adamw"),
-        _knob("seed", 0, is_int, "an integer", "seeds the initial weights and the order of the data"),
+        _knob(
+            "seed",
+            0,
+            within(0, 2**63 - 1),
+            "an integer 0..2**63-1",
+            "seeds the initial weights and the order of the data",
+        ),
         choice("device", "auto", DEVICES, "device", "auto: cuda when a GPU is visible, else cpu"),
         integer("log_every", 1, 1, None, "send a step row every this many steps"),
-        _knob("run_dir", "runs", text, "a folder path", "where runs/<id>/ folders are written"),
         _knob(
-            "hang_timeout", 120.0, positive_number, "a positive number", "seconds without a step before a rank is hung"
+            "run_dir",
+            "runs",
+            text,
+            "a folder (a non-empty str or pathlib.Path)",
+            "where runs/<id>/ folders are written",
+        ),
+        _knob(
+            "hang_timeout",
+            120.0,
+            lambda value: is_number(value) and value >= 1,
+            "a number of seconds >= 1 (ranks beat once a second)",
+            "seconds without a step before a rank is hung",
         ),
         _knob(
             "fault",
@@ -131,8 +150,10 @@ COMMON: dict[str, Knob] = {
         ),
         integer("keep_checkpoints", 2, 1, None, "how many of the newest checkpoints to keep"),
         integer("max_restarts", 0, 0, None, "restart every rank from the newest checkpoint this often when one fails"),
-        integer("hidden", 128, 1, None, "hidden width of the model"),
-        integer("seq_len", 32, 1, None, "characters per sample (lm)"),
+        _knob(
+            "hidden", 128, within(1, MAX_WIDTH), f"an integer 1..{MAX_WIDTH}", "hidden width of the model (small ones)"
+        ),
+        _knob("seq_len", 32, within(1, MAX_WIDTH), f"an integer 1..{MAX_WIDTH}", "characters per sample (lm)"),
         integer(
             "threads", None, 1, None, "torch threads per rank (None: the cores divided by the ranks)", allow_none=True
         ),
@@ -156,6 +177,12 @@ COMMON: dict[str, Knob] = {
             non_negative_number,
             "seconds >= 0",
             "add a random delay of this mean (seeded) to every rank's steps",
+        ),
+        flag(
+            "oversubscribe",
+            False,
+            None,
+            "allow more CPU ranks than 4 per core (they then mostly wait for one; timings say little)",
         ),
         integer(
             "eval_every",

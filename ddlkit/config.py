@@ -16,14 +16,16 @@ import difflib
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import registry
+from . import limits, registry
 from .common import COMMON, DATASETS, DEVICES, MODELS, OPTIMIZERS
+from .files import write_atomic
 from .knobs import check_faults, check_stragglers, require
 
 __all__ = ["RunConfig", "MODELS", "DATASETS", "OPTIMIZERS", "DEVICES", "COMPATIBLE", "unknown_fields"]
@@ -91,6 +93,8 @@ class RunConfig:
     slowdown: dict[int, float] | None
     delay_s: dict[int, float] | None
     delay_jitter_s: float
+    # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
+    oversubscribe: bool
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
     # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
     eval_every: int | None
@@ -106,6 +110,8 @@ class RunConfig:
         if name in ("slowdown", "delay_s") and isinstance(value, dict):
             # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
             value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+        if name == "run_dir" and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a pathlib.Path is welcome; the config keeps plain, serialisable values
         if name in COMMON:
             require(COMMON[name].problem(value))
             object.__setattr__(self, name, value)
@@ -148,7 +154,8 @@ class RunConfig:
                 f"model={self.model!r} cannot train on dataset={self.dataset!r}: "
                 f"valid datasets for {self.model!r} are {list(COMPATIBLE[self.model])}"
             )
-        self._validate_device(spec)
+        limits.check_device(self.device, self.resolved_device(), self.world_size, self.strategy, spec.cpu_only)
+        limits.check_ranks(self.world_size, self.resolved_device(), self.oversubscribe, self.threads)
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
         self._validate_knobs(spec)
@@ -160,6 +167,7 @@ class RunConfig:
                 "use checkpoint_every=None (restarts then begin again at step 0)"
             )
         spec.layout(self)
+        limits.check_batch(self.batch_size, spec.dp_size(self), self.dataset, self.seq_len)
 
     def _validate_knobs(self, spec: registry.StrategySpec) -> None:
         """Every knob set must be valid, and read by the chosen strategy unless left at its default."""
@@ -173,25 +181,6 @@ class RunConfig:
                     f"{name}={value!r} is invalid for strategy={self.strategy!r}: it is read by "
                     f"{registry.readers(name)}; leave it at {knob.default!r} or pick one of those"
                 )
-
-    def _validate_device(self, spec: registry.StrategySpec) -> None:
-        if self.device == "cpu":
-            return
-        import torch  # deferred: config stays cheap to import
-
-        gpus = torch.cuda.device_count()
-        if self.device == "cuda" and gpus == 0:
-            raise ValueError("device='cuda' is invalid: no CUDA device is visible; valid here: 'cpu' or 'auto'")
-        if self.resolved_device() == "cuda" and spec.cpu_only:
-            raise ValueError(
-                f"strategy={self.strategy!r} is invalid on device='cuda': it runs on CPU processes "
-                "(any-source recv, shared memory); valid: device='cpu'"
-            )
-        if self.resolved_device() == "cuda" and self.world_size > gpus:
-            raise ValueError(
-                f"world_size={self.world_size} is invalid on device={self.device!r}: "
-                f"only {gpus} GPU(s) are visible; valid: 1..{gpus}, or device='cpu'"
-            )
 
     def resolved_device(self) -> str:
         """'cpu' or 'cuda': what 'auto' means on this machine."""
@@ -232,16 +221,16 @@ class RunConfig:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as YAML (.yaml/.yml) or JSON (anything else)."""
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        else:
-            path.write_text(json.dumps(self.to_dict(), indent=2))
+        data = self.to_dict()
+        yaml_file = path.suffix in (".yaml", ".yml")
+        text = yaml.dump(data, Dumper=YamlDumper, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
+        write_atomic(path, lambda f: f.write(text.encode()))  # whole or absent, even on a full disk
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunConfig:
         """Read a YAML or JSON file written by :meth:`save` (or by hand)."""
         path = Path(path)
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.load(path.read_text(), YamlLoader)
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a mapping of config fields")
         return cls.from_dict(data)
@@ -268,6 +257,22 @@ class RunConfig:
 
 
 _COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "knobs")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as people write it: ``1e-5`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """Quotes what :class:`YamlLoader` would not read back as the same string (``"1e-5"``)."""
+
+
+for _yaml in (YamlLoader, YamlDumper):
+    _yaml.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
+        list("-+0123456789."),
+    )
 
 
 def unknown_fields(names: list[str]) -> str:

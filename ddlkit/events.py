@@ -125,6 +125,8 @@ class Finished(Event):
 
 class Beat(Event):
     step: int
+    started: NotRequired[bool]  # past start-up: in the rank loop (the hang timeout applies from here)
+    waiting: NotRequired[bool]  # its main thread is in communication (waiting for peers), not in its own code
 
 
 class Eval(Event):

@@ -81,12 +81,14 @@ def add_flag(group: Any, knob: Knob, default: str) -> None:
     options = knob.widget.options if knob.widget is not None and knob.widget.kind == "choice" else ()
     if knob.name == "strategy":
         options = tuple(registry.names())
+    switch = isinstance(knob.default, bool)  # --oversubscribe alone means true
     group.add_argument(
         flag_of(knob.name),
         dest=knob.name,
         default=None,
         type=lambda text, _knob=knob: reading(_knob, text),
         action="append" if knob.name in APPENDED else "store",
+        **({"nargs": "?", "const": True} if switch else {}),
         metavar="{" + ",".join(map(str, options)) + "}" if options else knob.name.upper(),
         help=describe(knob, default),
     )

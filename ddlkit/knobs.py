@@ -110,6 +110,11 @@ def positive_int(value: Any) -> bool:
     return is_int(value) and value >= 1
 
 
+def within(low: int, high: int) -> Callable[[Any], bool]:
+    """An integer low..high (both included)."""
+    return lambda value: is_int(value) and low <= value <= high
+
+
 def non_negative_int(value: Any) -> bool:
     return is_int(value) and value >= 0
 
@@ -149,7 +154,7 @@ def choice_problem(name: str, value: Any, options: Sequence[Any]) -> str | None:
     return message + (f" (did you mean {near[0]!r}?)" if near else "")
 
 
-FAULT_KINDS = ("exception", "exit", "sigkill", "hang")
+FAULT_KINDS = ("exception", "exit", "sigkill", "sigstop", "hang")
 
 
 def check_faults(faults: list[Any], world_size: int, steps: int, max_restarts: int) -> None:

@@ -175,3 +175,15 @@ def test_pipeline_from_flags_derives_pp_and_redirected_progress_is_a_few_lines(t
     folder = tmp_path / run_folder(done.stdout)
     assert ddlkit.RunConfig.load(folder / "config.json").pp == 2
     assert_nothing_left(folder)
+
+
+def test_oversubscribe_is_a_flag(tmp_path, capsys):
+    from ddlkit import limits
+    from ddlkit.cli import main
+
+    too_many = str(limits.RANKS_PER_CORE * limits.cpu_cores() + 1)
+    assert main(["run", "--world-size", too_many, "--batch-size", "100000"]) == 2
+    assert "or set oversubscribe=True" in capsys.readouterr().err
+    # with the flag the world size passes; what is refused now is the batch, checked after it
+    assert main(["run", "--world-size", too_many, "--batch-size", "100000", "--oversubscribe"]) == 2
+    assert "batch_size=100000 is invalid" in capsys.readouterr().err

@@ -216,3 +216,76 @@ def test_an_interrupt_during_wait_stops_the_run_and_says_so_in_one_line(runs_dir
     assert len(shown) == 1 and f"run {run.id} was stopped by the interrupt" in shown[0]
     assert info.value.__suppress_context__  # no chained traceback through threading.py
     assert len(ddlkit.load_run(run.path).metrics) == len(run.metrics)  # everything recorded stayed
+
+
+# ---- which rank hangs ------------------------------------------------------------
+class _Process:
+    """Stands in for a worker process (only its pid is read)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def poll(self):
+        return None
+
+
+def _stalled(rank, last_progress, waiting, now=100.0, pid=None, started=True):
+    from ddlkit.kernel.ranks import RankState
+
+    return RankState(
+        rank,
+        _Process(pid or os.getpid()),
+        started=started,
+        last_step=5 if started else -1,
+        progress_at=now - last_progress,
+        heard_at=now - 0.5,
+        waiting=waiting,
+    )
+
+
+def test_the_rank_its_peers_wait_for_is_the_hung_one_not_the_first_overdue():
+    from ddlkit.kernel.hangs import hung_ranks
+
+    # rank 0 logged its last step a moment before rank 1 did, so it is overdue
+    # first; but it waits in a collective, and rank 1 does not.
+    ranks = [_stalled(0, 2.1, waiting=True), _stalled(1, 1.9, waiting=False)]
+    assert hung_ranks(ranks, 100.0, hang_timeout=2.0) == [ranks[1]]
+    assert [r.hung for r in ranks] == [False, True]
+    # all waiting on one another (a real distributed deadlock): the overdue one
+    ranks = [_stalled(0, 2.1, waiting=True), _stalled(1, 1.9, waiting=True)]
+    assert hung_ranks(ranks, 100.0, hang_timeout=2.0) == [ranks[0]]
+    # nothing overdue yet, and a rank still starting up gets its grace
+    assert hung_ranks([_stalled(0, 1.9, waiting=False)], 100.0, hang_timeout=2.0) == []
+    assert hung_ranks([_stalled(0, 30.0, waiting=False, started=False)], 100.0, hang_timeout=2.0) == []
+
+
+def test_a_stopped_rank_is_the_hung_one_and_said_to_be_stopped():
+    import subprocess
+
+    from ddlkit.kernel.hangs import hung_ranks
+
+    stopped = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        ranks = [_stalled(0, 2.1, waiting=False), _stalled(1, 1.5, waiting=False, pid=stopped.pid)]
+        assert hung_ranks(ranks, 100.0, hang_timeout=2.0) == [ranks[1]]
+        assert "stopped by a signal (SIGSTOP" in ranks[1].describe()
+    finally:
+        stopped.kill()
+        stopped.wait()
+
+
+def test_ranks_ddlkit_killed_are_never_the_culprit():
+    from ddlkit.kernel.ranks import culprit, failure_report
+
+    waiting, hung = _stalled(0, 3.0, waiting=True), _stalled(1, 2.0, waiting=False)
+    hung.hung = True
+    for state in (waiting, hung):
+        state.ended_by_ddlkit, state.returncode, state.ended_at = True, -signal.SIGKILL, 101.0
+    waiting.ended_at = 100.5  # it died first, but by ddlkit's hand
+    assert culprit([waiting, hung]) is hung
+    report = failure_report("r", [waiting, hung])
+    assert "first failure: rank 1" in report
+    assert "rank 0: waiting for a peer, killed by ddlkit when the run ended" in report
+    assert "killed by SIGKILL" not in report

@@ -83,6 +83,28 @@ def test_checkpoints_are_whole_or_skipped_and_only_the_last_k_kept(tmp_path):
     assert checkpoint.load_file(found.path / "state.pt")["w"][0].item() == 10.0
 
 
+def test_checkpoints_past_step_999999_sort_by_number(tmp_path):
+    for step in (999_980, 999_990, 1_000_000, 1_000_010):
+        checkpoint.save(tmp_path, step, {"state.pt": {"w": torch.full((4,), float(step))}}, meta={}, keep=2)
+    # "step-1000010" < "step-999990" as strings: the newest must still win, and pruning keep it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-1000010"]
+    found = checkpoint.latest(tmp_path)
+    assert found.step == 1_000_010
+    assert checkpoint.load_file(found.path / "state.pt")["w"][0].item() == 1_000_010.0
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_tmp_folder(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "write_synced", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, 5, {"state.pt": {"w": torch.ones(2)}}, meta={})
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- elastic restart ------------------------------------------------------
 def test_kill_9_restarts_all_ranks_and_redoes_at_most_c_steps(runs_dir):
     cfg = BASE.replace(run_dir=runs_dir, max_restarts=1, fault={"rank": 1, "step": 13, "kind": "sigkill"})
@@ -95,6 +117,36 @@ def test_kill_9_restarts_all_ranks_and_redoes_at_most_c_steps(runs_dir):
     assert_one_row_per_step(run, cfg.steps)
     assert len(run.pids) == 4  # two attempts of two ranks, all checked gone by the fixture
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
+
+
+def test_rows_of_a_killed_rank_are_never_lost_behind_a_checkpoint(runs_dir):
+    """Rank 1 is killed as it starts step 10, just after checkpoint 10: the rows
+    it logged in its last 0.1 s must not be lost (its reporter sends in batches)
+    while the restart resumes after them. Every rank has every step, once."""
+    cfg = BASE.replace(run_dir=runs_dir, steps=15, max_restarts=1, fault={"rank": 1, "step": 10, "kind": "sigkill"})
+    run = ddlkit.launch(cfg, echo=False).wait(timeout=240)
+    assert run.status == "done"
+    rows = run.metrics
+    for rank in (0, 1):
+        assert sorted(rows.query(f"rank == {rank}")["step"]) == list(range(cfg.steps)), f"rank {rank}"
+    assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
+
+
+def test_a_restart_resumes_no_later_than_the_rows_that_arrived(tmp_path):
+    """Should rows be lost anyway (a rank killed between its last step and the
+    checkpoint its peers finish), the kernel restarts from an older checkpoint."""
+    from ddlkit.kernel.ranks import RankState
+    from ddlkit.kernel.restarts import Restarts
+    from ddlkit.kernel.run import Run
+
+    for step in (5, 10):
+        checkpoint.save(checkpoint.folder_of(tmp_path), step, {"state.pt": {"w": torch.ones(1)}}, meta={}, keep=3)
+    rows = [{"type": "step", "rank": r, "step": s, "time": 1.0} for r in (0, 1) for s in range(12) if (r, s) != (1, 8)]
+    run = Run.from_events(rows, path=tmp_path, status="running")
+    ranks = [RankState(0, None, returncode=-9), RankState(1, None, returncode=-9)]  # type: ignore[arg-type]
+    attempt = Restarts(run, BASE.replace(max_restarts=1)).next(ranks)
+    assert attempt.event["from_step"] == 5  # not 10: rank 1's row of step 8 never arrived, so step 8 is redone
+    assert "step-000010 is not used: the rows of step 8 never arrived" in attempt.event["skipped"][0]
 
 
 def test_restarts_are_reliable_20_of_20(runs_dir):

@@ -61,6 +61,9 @@ def _worst_difference(a: dict, b: dict) -> float:
             ),
             16,
         ),
+        # Stages of parameter-free layers only (the mlp's 4th stage is a ReLU; the cnn's first a reshape).
+        (dict(strategy="pipeline", world_size=4, pp=4, micro_batches=4), 16),
+        (dict(strategy="pipeline", world_size=2, pp=2, micro_batches=4, model="cnn", cut_points=[1]), 16),
         (dict(strategy="tensor", world_size=2, tp=2), 16),
         (dict(strategy="tensor", world_size=2, tp=2, model="lm", dataset="sonnets", seq_len=16), 16),
         (dict(strategy="fsdp", world_size=2, optimizer="adam", lr=3e-3), 32),

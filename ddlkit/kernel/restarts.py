@@ -3,7 +3,8 @@ start the next attempt, from which checkpoint, in which layout.
 
 A failure restarts at most ``max_restarts`` times; a new layout
 (``Run.relaunch``) always gets its attempt. Each attempt starts from the
-newest valid checkpoint of the run folder (or step 0 without one).
+newest valid checkpoint of the run folder (or step 0 without one) that is not
+past a step whose rows some rank never delivered.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from .. import checkpoint, events, registry
 from ..config import RunConfig
 from .ranks import RankState, culprit
-from .resume import resized
+from .resume import resized, rows_arrived_until, rows_missing
+from .run import Run
 
 
 @dataclass
@@ -31,9 +33,9 @@ class Attempt:
 
 class Restarts:
     def __init__(
-        self, folder: Path, config: RunConfig | None, attempt: int = 0, announce: list[events.Restart] | None = None
+        self, run: Run, config: RunConfig | None, attempt: int = 0, announce: list[events.Restart] | None = None
     ):
-        self.folder = folder
+        self.run = run
         self.config = config  # the current attempt's (None: a launched function)
         self.attempt = attempt
         self.announce = announce or []  # recorded first, by the supervisor's thread
@@ -74,7 +76,9 @@ class Restarts:
         new_layout = self.new_config is not None and (failed or self.stopped_early)
         if self.config is None or not (new_layout or failed and self.left()):
             return None
-        found = checkpoint.latest(checkpoint.folder_of(self.folder))
+        # No later than the first step whose rows did not all arrive: those steps are redone, not lost.
+        until = rows_arrived_until(self.run, self.config)
+        found = checkpoint.latest(checkpoint.folder_of(self.run.path), until, rows_missing(until))
         self.attempt += 1
         now, from_step = time.time(), found.step if found else 0
         name, skipped = (found.path.name, found.skipped) if found else (None, [])

@@ -80,7 +80,9 @@ class PipelineParallel(Strategy):
         ]
         self.last_stage_rank = dist.get_global_rank(self.pp_group, (num_stages - 1) % self.pp_size)
         self.params = [p for stage in self.stages for p in stage.submod.parameters()]
-        self.optimizer = make_optimizer(self.params)
+        # A stage of parameter-free layers only (e.g. the cnn's first, a reshape) passes
+        # activations and gradients on and has nothing to update.
+        self.optimizer = make_optimizer(self.params) if self.params else None
 
         self.spans: list[events.Span] = []
         for stage in self.stages:
@@ -139,8 +141,9 @@ class PipelineParallel(Strategy):
         # Phase 2: hybrid dp x pp: average each stage's gradients over its replicas.
         comm_s = average_gradients(self.params, self.dp_group)
         # Phase 3: every stage updates its own parameters.
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         # Only the last stage knows the loss: it tells the other stages.
         loss = torch.stack(losses).mean().detach() if holds_last else torch.zeros(())
         dist.broadcast(loss, src=self.last_stage_rank, group=self.pp_group)

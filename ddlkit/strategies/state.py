@@ -51,16 +51,19 @@ def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def load_whole_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_whole_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
     """The reverse, on every rank from the same whole state: each rank keeps
-    its shards (and an optimizer over part of the model takes its part)."""
+    its shards (and an optimizer over part of the model takes its part; a
+    pipeline stage of parameter-free layers has none)."""
     saved = state["optimizer"]
-    if saved["state"]:
+    if saved["state"] and optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=saved, options=LOAD)
         return
     # A stateless optimizer (plain SGD) has no tensor to place: torch's loader
     # refuses it ("Expected device to be set"), so set the model, then the settings.
     set_model_state_dict(model, state["model"], options=LOAD)
+    if optimizer is None:  # a pipeline stage of parameter-free layers: nothing to set
+        return
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         group.update({key: value for key, value in saved_group.items() if key != "params"})
 
@@ -85,11 +88,13 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return inner
 
 
-def gathered(model: nn.Module, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup) -> dict[str, Any]:
+def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None, group: dist.ProcessGroup) -> dict[str, Any]:
     """For ranks that each train part of ``model`` (pipeline stages): every
     rank's parameters and their optimizer state, gathered over ``group`` into
     the whole state (every rank of the group gets it)."""
-    optimizer_state: dict[str, Any] = dict(get_optimizer_state_dict(model, optimizer))  # mine, by model names
+    optimizer_state: dict[str, Any] = (  # mine, by model names; none for a stage of parameter-free layers
+        dict(get_optimizer_state_dict(model, optimizer)) if optimizer is not None else {"state": {}, "param_groups": []}
+    )
     owned = {name for group_ in optimizer_state["param_groups"] for name in group_["params"]}
     mine = {
         "model": {name: p.detach().cpu().clone() for name, p in model.named_parameters() if name in owned},
@@ -101,7 +106,11 @@ def gathered(model: nn.Module, optimizer: torch.optim.Optimizer, group: dist.Pro
     order = list(model.state_dict())  # the single-process order of the names
     weights = {name: value for part in parts for name, value in part["model"].items()}
     states = {name: value for part in parts for name, value in part["optimizer"]["state"].items()}
-    hyper = {k: v for k, v in optimizer_state["param_groups"][0].items() if k != "params"}  # the same on every stage
+    hyper = next(  # the same on every stage that has parameters
+        {k: v for k, v in group_.items() if k != "params"}
+        for part in parts
+        for group_ in part["optimizer"]["param_groups"]
+    )
     return {
         "model": {name: weights[name] for name in order},
         "optimizer": {"state": states, "param_groups": [{**hyper, "params": [n for n in order if n in weights]}]},
