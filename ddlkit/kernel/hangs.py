@@ -19,7 +19,9 @@ can take longer than any step: it gets at least ``STARTUP_GRACE_S``.
 
 from __future__ import annotations
 
-from .ranks import RankState
+import signal
+
+from .ranks import RankState, signal_process
 
 STARTUP_GRACE_S = 60.0  # the least time a rank gets to reach its loop
 FROZEN_S = 3.0  # a rank silent this long (it beats once a second) is frozen
@@ -61,3 +63,13 @@ def process_state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def dump_stacks_if_hung(ranks: list[RankState], now: float, hang_timeout: float) -> bool:
+    """If some rank hangs: ask every live rank for its stacks (faulthandler, on SIGUSR1) and say so."""
+    if not hung_ranks(ranks, now, hang_timeout):
+        return False
+    for state in ranks:
+        if state.returncode is None:
+            signal_process(state.process.pid, signal.SIGUSR1)
+    return True

@@ -11,7 +11,6 @@ call :meth:`Supervisor.stop`, :meth:`control` and :meth:`relaunch`.
 from __future__ import annotations
 
 import atexit
-import signal
 import threading
 import time
 import traceback
@@ -20,9 +19,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import controls, registry
-from .hangs import hung_ranks
+from .hangs import dump_stacks_if_hung
 from .intake import Arrival, Intake
-from .ranks import RankState, failure_report, kill_group, signal_process, wait_gone
+from .ranks import RankState, failure_report, kill_group, wait_gone
 from .records import RecordError, RunLog, remove_unfinished
 from .restarts import Restarts
 from .run import Run
@@ -260,21 +259,13 @@ class Supervisor:
                 self.kill_at = now + (RESTART_GRACE_S if self.restarts.left() else FAILURE_GRACE_S)
             elif self.restarts.relaunching:  # the ranks stop at a step and save it: give them time
                 self.kill_at = now + RELAUNCH_STOP_S
-            else:
-                self._detect_hang(now)
+            elif self.hang_timeout is not None and not self.controls.get("paused"):
+                if dump_stacks_if_hung(self.ranks, now, self.hang_timeout):
+                    self.kill_at = now + STACK_DUMP_S  # time to print the stacks
         if self.kill_at is not None and now >= self.kill_at:
             for state in self.ranks:
                 if state.returncode is None:
                     self._kill(state)
-
-    def _detect_hang(self, now: float) -> None:
-        if self.hang_timeout is None or self.controls.get("paused"):
-            return
-        if hung_ranks(self.ranks, now, self.hang_timeout):
-            for state in self.ranks:  # faulthandler in each worker prints its stacks
-                if state.returncode is None:
-                    signal_process(state.process.pid, signal.SIGUSR1)
-            self.kill_at = now + STACK_DUMP_S
 
     def _kill(self, state: RankState) -> None:
         """SIGKILL a rank's whole process group; if it was still running, ddlkit ended it."""
