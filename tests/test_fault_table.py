@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 import ddlkit
 from ddlkit import RunConfig, RunFailed
 
-from .conftest import in_process_group, port_is_free
+from .conftest import in_process_group, port_is_free, remove_folder
 
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 FAULT_STEP = 6  # mid-run
@@ -224,7 +223,7 @@ def test_run_folder_removed(runs_dir):
     run = ddlkit.launch(_config(runs_dir, **ENDLESS), echo=False)
     _wait_for_rows(run, 40)
     removed_at = time.time()
-    shutil.rmtree(run.path, ignore_errors=True)  # as `rm -rf` does: the ranks write into it meanwhile
+    remove_folder(run.path)  # as `rm -rf` does, while the ranks write into it
     _, ended_at = _follow(run, limit=60)
     assert run.status == "failed"
     assert "the file was deleted (was the run folder removed?)" in (run.error or ""), run.error

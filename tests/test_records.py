@@ -16,6 +16,8 @@ from ddlkit.kernel import records
 from ddlkit.kernel.records import RecordError, RunLog, load_run
 from ddlkit.kernel.run import Run
 
+from .conftest import remove_folder
+
 
 def _steps(n, rank=0, start=0):
     return [{"type": "step", "rank": rank, "step": s, "time": 100.0 + s, "loss": 1.0} for s in range(start, start + n)]
@@ -178,11 +180,9 @@ def test_disk_full_while_recording_fails_the_run_naming_the_error(runs_dir, monk
 
 
 def test_a_run_folder_removed_mid_run_fails_the_run(runs_dir):
-    import shutil
-
     run = ddlkit.launch(_long_cfg(runs_dir), echo=False)
     _wait_for_rows(run, 40)
-    shutil.rmtree(run.path, ignore_errors=True)  # as `rm -rf` does: the ranks write into it meanwhile
+    remove_folder(run.path)  # as `rm -rf` does, while the ranks write into it
     with pytest.raises(ddlkit.RunFailed, match="the file was deleted"):
         run.wait(timeout=30)
     assert not run.path.exists()  # not made again: the folder was removed on purpose
