@@ -17,7 +17,7 @@ from .config import RunConfig
 from .kernel.follow import follow
 from .kernel.launch import launch
 from .kernel.records import load_run
-from .kernel.run import Result, Run, RunFailed
+from .kernel.run import Result, Run, RunFailed, RunInterrupted
 from .rank.reporter import log
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "log",
     "Run",
     "RunFailed",
+    "RunInterrupted",
     "Result",
     "load_run",
     "follow",

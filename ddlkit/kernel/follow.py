@@ -137,7 +137,7 @@ class Follower:
 
     # ---- the Driver protocol ------------------------------------------------
     def control(self, changes: dict[str, Any]) -> None:
-        cfg = self._config()
+        cfg = self._experiment()
         controls.check(changes, [k for k in registry.get(cfg.strategy).knobs if k.live] if cfg else [])
         with self._lock:
             self.sequence += 1
@@ -147,11 +147,11 @@ class Follower:
     def stop(self) -> None:
         self.control({"stop": True})
 
-    def relaunch(self, world_size: int | None, strategy: str | None) -> None:
+    def relaunch(self, world_size: int | None, strategy: str | None, knobs: dict[str, Any]) -> None:
         raise RuntimeError(f"run {self.run.id} was started by another launcher: its layout is the launcher's to change")
 
     # ---- the thread -----------------------------------------------------------
-    def _config(self) -> RunConfig | None:
+    def _experiment(self) -> RunConfig | None:
         path = self.run.path / "config.json"
         return RunConfig.load(path) if path.exists() else None
 

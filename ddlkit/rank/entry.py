@@ -58,7 +58,8 @@ def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn
             reporter.send(events.Finished(type="finished"), now=True)
     except BaseException:
         text = traceback.format_exc()
-        sys.stderr.write(text)
+        if not reporter.to_kernel:  # the kernel shows it once, in RunFailed, and keeps it in rank<r>.log
+            sys.stderr.write(text)
         reporter.error(text, restarting=restarts_left() > 0)
     finally:
         reporter.close()
@@ -129,20 +130,27 @@ def main(argv: list[str] | None = None) -> NoReturn:
         run_dir = Path(os.environ.get("DDLKIT_RUN_DIR", "runs/standalone"))
         args = tuple(json.loads(os.environ.get("DDLKIT_ARGS", "[]")))
         serve(rank, run_dir, run_function(import_function(opts.function), args, rank, run_dir))
-    cfg = RunConfig.load(opts.config)
-    cfg.validate()
+    if os.environ.get("DDLKIT_RUN_DIR"):  # started by ddlkit: even a config that fails here is reported
+        run_dir = Path(os.environ["DDLKIT_RUN_DIR"])
+        serve(rank, run_dir, lambda reporter: train(read_config(opts.config), reporter, run_dir))
+    cfg = read_config(opts.config)  # started by another launcher: the folder comes from the config
     ranks = int(os.environ.get("WORLD_SIZE", cfg.world_size))
     if ranks != cfg.world_size:
         raise ValueError(
             f"{opts.config} has world_size: {cfg.world_size}, but the launcher started {ranks} ranks (WORLD_SIZE): "
             f"set world_size: {ranks} in the config, or start {cfg.world_size} ranks"
         )
-    run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / agreed_run_id())
+    run_dir = Path(cfg.run_dir) / agreed_run_id()
     check_own_dir(make_dir(run_dir))  # private; refused if someone else made it
     if rank == 0 and not (run_dir / "config.json").exists():
         cfg.save(run_dir / "config.json")
         set_file_mode(run_dir / "config.json")
-    if "DDLKIT_CHANNEL" in os.environ:  # started by ddlkit's kernel, which keeps the record and steers
-        serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))
     describe_run(run_dir, rank)
     serve(rank, run_dir, lambda reporter: train(cfg, unattended(run_dir, rank, reporter), run_dir))
+
+
+def read_config(path: str) -> RunConfig:
+    """The config file, checked as the kernel checked it."""
+    cfg = RunConfig.load(path)
+    cfg.validate()
+    return cfg

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from ..files import make_dir, open_private
 
 HEARTBEAT_S = 1.0
 FLUSH_S = 0.1
+# Code in which a blocked main thread waits for its peers (collectives, send/recv, DDP's backward).
+COMMUNICATION = tuple(f"{os.sep}torch{os.sep}{part}{os.sep}" for part in ("distributed", "autograd"))
 
 _active: Reporter | None = None
 
@@ -64,6 +67,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._pending: deque[dict[str, Any]] = deque()  # append and popleft are atomic
         self.last_step = -1
+        self.started = False  # past start-up: the rank loop runs
         self._flushed_at = 0.0
         self._parent = os.getppid()
         self._closing = False
@@ -85,6 +89,11 @@ class Reporter:
             return cls(rank, conn=conn)
         make_dir(run_dir)
         return cls(rank, file=run_dir / f"events-rank{rank}.jsonl")
+
+    @property
+    def to_kernel(self) -> bool:
+        """Events go to a kernel (ddlkit's launcher), not to a file."""
+        return self._conn is not None
 
     def activate(self) -> None:
         global _active
@@ -111,6 +120,14 @@ class Reporter:
         self.last_step = self.last_step + 1 if step is None else int(step)
         # any keys a launched function logs, beside those the schema names
         self.send(cast(events.Step, {"type": "step", "step": self.last_step, **values}))
+
+    def mark_started(self) -> None:
+        """Start-up is over (the group is formed, the model built): the hang timeout applies from now."""
+        self.started = True
+        self.send(self._beat(), now=True)
+
+    def _beat(self) -> events.Beat:
+        return events.Beat(type="beat", step=self.last_step, started=self.started, waiting=main_thread_waiting())
 
     def error(self, traceback_text: str, restarting: bool = False) -> None:
         """``restarting``: the launcher will start the ranks again (a follower waits for them)."""
@@ -155,7 +172,7 @@ class Reporter:
                     next_beat += HEARTBEAT_S
                     if os.getppid() != self._parent:
                         os._exit(1)
-                    self.send(events.Beat(type="beat", step=self.last_step))
+                    self.send(self._beat())
                 self.flush()
             except (OSError, ValueError):  # kernel gone, or closed at exit
                 os._exit(1)
@@ -174,10 +191,13 @@ class Reporter:
     def apply_control(self, message: dict[str, Any]) -> None:
         """Take changes to the controls (as JSON: ``ddlkit.controls.to_json``),
         from the kernel's channel or a follower's control file."""
-        changes = from_json(message)
+        # A replay (what was changed before this rank or attempt started) is in force from the
+        # start, like the config's settings: not a change to report (it would mark the curve again).
+        replay = message.get("replay") and self._control_version == 0
+        changes = from_json({k: v for k, v in message.items() if k != "replay"})
         knobs = {**self._controls.get("knobs", {}), **changes.pop("knobs", {})}
         self._controls = {**self._controls, **changes, "knobs": knobs}
-        self._control_version += 1
+        self._control_version += 0 if replay else 1
         self._control_changed.set()
 
 
@@ -188,3 +208,14 @@ def _ends_half_written(path: Path) -> bool:
             return False
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
+
+
+def main_thread_waiting() -> bool:
+    """Whether the main thread is inside torch's communication code: blocked
+    there, it waits for a peer; blocked anywhere else, it is the one that hangs."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in COMMUNICATION):
+            return True
+        frame = frame.f_back
+    return False
