@@ -135,7 +135,6 @@ def command(opts: argparse.Namespace) -> int:
     """``ddlkit slurm``: write (or print) the script and say how to submit it."""
     config_path = Path(opts.config)
     cfg = RunConfig.load(config_path)
-    cfg.validate()
     job = SlurmJob(
         opts.nodes,
         opts.gpus_per_node,
@@ -146,6 +145,8 @@ def command(opts: argparse.Namespace) -> int:
         port=opts.port,
     )
     script = render(cfg, config_path, job)
+    # This machine's limits (ranks per core) say nothing of the cluster's nodes: check one node's share of ranks.
+    cfg.replace(world_size=job.nproc).validate()
     if opts.dry_run:
         print(script, end="")
         return 0
