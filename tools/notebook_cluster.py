@@ -1,4 +1,4 @@
-"""The cells of notebooks/07_from_notebook_to_cluster.ipynb (written by tools/make_notebooks.py)."""
+"""The cells of notebooks/09_from_notebook_to_cluster.ipynb (written by tools/make_notebooks.py)."""
 
 CLUSTER = [
     (
