@@ -18,8 +18,12 @@ Then every pipeline schedule torch ships, at p = 2 and 4 on the cnn (its
 10 layers cut into 2p stages where a schedule holds two per rank), m = 8, in
 teaching mode (F, I and W sleep ``--stage-delay`` each): the measured bubble
 (mean over ranks of the median over steps after the first) beside its
-formula (``timeline.theory``), the step time against 1F1B's, and the peak
-activation bytes a rank kept.
+formula (``timeline.theory``), the step time, and the peak activation bytes
+a rank kept. Teaching mode sleeps the full cost per stage chunk, so a rank
+holding two stages sleeps twice as long per step as with one: compare step
+times within a stages/rank group only. Sleeps wake late when the 2 cores are
+loaded (4 ranks oversubscribe them): the bubble column is indicative there,
+the tests (tests/test_schedules.py) pin measured against theory at p=2.
 
     python benchmarks/model_parallel.py [--reps 2] [--steps 30] [--model lm] [--hidden 128] [--only schedules]
 """
@@ -91,9 +95,7 @@ def schedules_table(runs: str, pp: int, delay: float, steps: int) -> pd.DataFram
                 "peak act KiB": timeline.memory_table(run)["peak_activation_bytes"].max() / 1024,
             }
         )
-    out = pd.DataFrame(rows)
-    out["step vs 1f1b"] = out["step ms"] / out.loc[out["schedule"] == "1f1b", "step ms"].iloc[0]
-    return out
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--model", default="lm", choices=["mlp", "lm"])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch per model replica")
-    parser.add_argument("--stage-delay", type=float, default=0.02, help="schedules table: seconds per F, I, W")
+    parser.add_argument("--stage-delay", type=float, default=0.05, help="schedules table: seconds per F, I, W")
     parser.add_argument("--only", choices=["strategies", "schedules"], help="print one of the two tables")
     opts = parser.parse_args()
     if opts.only != "strategies":
