@@ -152,11 +152,15 @@ LM = dict(model="lm", dataset="sonnets", seq_len=16)
         dict(pp=4, world_size=4, micro_batches=4, schedule="1f1b", **LM),
         dict(pp=4, world_size=4, micro_batches=8, schedule="zbv", model="cnn", batch_size=8),
         dict(pp=4, world_size=4, micro_batches=8, schedule="dualpipev", model="cnn", batch_size=8),
+        # dp x pp: two replicas of a V pipeline, 8 samples each = one process on 16
+        dict(strategy="hybrid", dp=2, pp=2, world_size=4, micro_batches=4, batch_size=8, schedule="zbv"),
     ],
 )
 def test_every_schedule_equals_the_single_process_model(runs_dir, layout):
-    run = _train(runs_dir, strategy="pipeline", **layout)
+    run = _train(runs_dir, **{"strategy": "pipeline", **layout})
     reference = {k: v for k, v in layout.items() if k in ("model", "dataset", "seq_len", "batch_size")}
+    if layout.get("strategy") == "hybrid":
+        reference["batch_size"] = layout["batch_size"] * layout["dp"]
     single = _single_state(runs_dir, **reference)
     assert _worst_difference(run.result().state_dict, single) < 1e-5
     start = _single_state(runs_dir, steps=1, **reference)
