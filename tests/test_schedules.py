@@ -12,30 +12,10 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 
 import ddlkit
-from ddlkit import RunConfig, timeline
+from ddlkit import timeline
 from ddlkit.strategies.schedules import SCHEDULES, stage_ids
 
-SINGLE = dict(strategy="single", world_size=1)
-
-
-def _cfg(runs_dir, **changes) -> RunConfig:
-    return RunConfig(
-        model="mlp",
-        dataset="digits",
-        steps=3,
-        batch_size=16,
-        lr=0.1,
-        optimizer="sgd",
-        seed=0,
-        device="cpu",
-        run_dir=runs_dir,
-        hang_timeout=60,
-        hidden=32,
-    ).replace(**changes)
-
-
-def _train(runs_dir, **changes):
-    return ddlkit.launch(_cfg(runs_dir, **changes), echo=False).wait(timeout=240)
+from .test_model_parallel import _cfg, _single_state, _train, _worst_difference  # the same runs and reference
 
 
 def test_every_schedule_torch_ships_is_offered():
@@ -119,21 +99,6 @@ def test_every_valid_layout_passes_validation(runs_dir):
         _cfg(
             runs_dir, strategy="pipeline", world_size=4, pp=4, micro_batches=8, schedule=schedule, model="cnn"
         ).validate()
-
-
-_singles: dict[frozenset, dict] = {}
-
-
-def _single_state(runs_dir, **changes) -> dict:
-    key = frozenset(changes.items())
-    if key not in _singles:
-        _singles[key] = _train(runs_dir, **SINGLE, **changes).result().state_dict
-    return _singles[key]
-
-
-def _worst_difference(a: dict, b: dict) -> float:
-    assert list(a) == list(b)
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 LM = dict(model="lm", dataset="sonnets", seq_len=16)
