@@ -35,6 +35,7 @@ from .knobs import (
     problem,
     require,
 )
+from .speeds import check_speeds
 
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
@@ -95,6 +96,9 @@ class RunConfig:
     slowdown: dict[int, float] | None = None
     delay_s: dict[int, float] | None = None
     delay_jitter_s: float = 0.0
+    # Heterogeneous ranks, any strategy: relative compute speeds ({1: 0.5}) or a device profile (ddlkit.speeds).
+    speeds: dict[int, float] | None = None
+    rank_profile: str | None = None
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
     # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
     eval_every: int | None = None
@@ -105,7 +109,7 @@ class RunConfig:
             setattr(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("slowdown", "delay_s") and isinstance(value, dict):
+        if name in ("slowdown", "delay_s", "speeds") and isinstance(value, dict):
             # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
             value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
         if name in _COMMON:
@@ -155,6 +159,7 @@ class RunConfig:
         self._validate_device(spec)
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
+        check_speeds(self.speeds, self.rank_profile, self.world_size)
         self._validate_knobs(spec)
         if self.checkpoint_every is not None and spec.checkpoint is None:
             able = [name for name in registry.names() if registry.get(name).checkpoint]
