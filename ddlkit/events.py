@@ -52,6 +52,14 @@ class Balance(Event):
     speeds: list[float]
 
 
+class Cuts(Event):
+    layer_s: list[float]
+    cuts: list[int]
+    param_cuts: list[int]
+    stage_s: list[float]
+    param_stage_s: list[float]
+
+
 class Span(Event):
     step: NotRequired[int]  # added by the rank loop
     stage: int
@@ -186,6 +194,7 @@ TYPES: dict[str, type] = {
     "step": Step,
     "span": Span,
     "balance": Balance,
+    "cuts": Cuts,
     "update": Update,
     "memory": Memory,
     "comm": Comm,

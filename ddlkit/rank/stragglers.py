@@ -12,6 +12,11 @@ and three knobs of ``RunConfig``, applied after a rank's work in each step:
   this mean, seeded by the run's seed and the rank (reproducible noise).
 
 A rank at speed ``s`` with slowdown ``f`` takes ``f / s`` times as long.
+Where the pause falls: after the step (the rank loop), or where the strategy
+says (``RankContext.straggle``): a parameter-server worker before it sends
+its gradient, a data-parallel rank at its first gradient bucket, so that
+there the factor scales its compute (batch, forward, backward) and its
+gradient reaches the all-reduce late, as a slow device's would.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ class RankContext:
     dataset: Dataset
     shard: ShardedStream
     lr: float
-    step: int = 0  # the step being taken (set by the loop before the strategy's step)
+    step: int = 0  # the step being taken, and when its work began (set by the loop before the strategy's step)
+    step_started: float = 0.0
     straggled: bool = False  # this step's straggler pause was taken, by the strategy mid-step
     held_out: HeldOut | None = None  # on the rank that evaluates, with ``eval_every``
 

@@ -7,8 +7,10 @@ each gradient bucket during backward. At the step's first bucket the rank's
 compute is (all but) done, so every step it:
 
 - takes the rank's straggler pause there (``ctx.straggle``: a slow device's
-  gradient reaches the collective late, as it would for real);
-- notes ``busy_s``, the step's work up to that point (a balancer's measure).
+  gradient reaches the collective late, as it would for real). The work a
+  speed or ``slowdown`` scales is then the step's compute: reading the batch,
+  forward and backward (not the all-reduce, nor the optimizer's update);
+- notes ``busy_s``, that work with its pause (a balancer's measure).
 
 Only on a *sampled* step (every ``time_every`` steps) does it time anything
 more: a one-element all-reduce before the gradients' collective, whose
@@ -65,10 +67,11 @@ class CommTimer:
     def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         if self._first:
             self._first = False
+            work_started = self.began if self.ctx is None else min(self.ctx.step_started, self.began)
             if self.ctx is not None:
-                self.ctx.straggle(self.began)
+                self.ctx.straggle(work_started)
             now = time.perf_counter()
-            self.busy_s = now - self.began
+            self.busy_s = now - work_started
             if self.sampled:
                 self._window = (now, now)
                 dist.all_reduce(torch.zeros(1), group=self.group)  # returns when the last rank arrives

@@ -39,10 +39,10 @@ from .. import events
 from ..config import RunConfig
 from ..knobs import Knob, choice, integer, number, optional
 from ..models import loss_fn
-from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
 from ..registry import StrategySpec, register
 from .sharding import average_gradients
-from .stages import LAYERS, balanced_cuts, pipeline_layers
+from .stages import LAYERS, choose_cuts, pipeline_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
@@ -68,9 +68,7 @@ class PipelineParallel(Strategy):
         layers = pipeline_layers(model)
         per_rank = 2 if cfg.schedule == "interleaved" else 1
         num_stages = self.pp_size * per_rank
-        cuts = cfg.cut_points or balanced_cuts(
-            [sum(p.numel() for p in layer.parameters()) for layer in layers], num_stages
-        )
+        cuts, self.cut_report = choose_cuts(cfg, layers, num_stages)
         bounds = [0, *cuts, len(layers)]
         self.stage_ids = [pp_rank + k * self.pp_size for k in range(per_rank)]
         self.stages = [
@@ -94,6 +92,10 @@ class PipelineParallel(Strategy):
             if per_rank > 1
             else schedule(self.stages[0], cfg.micro_batches, loss_fn=loss)
         )
+
+    def setup(self, ctx: RankContext) -> None:
+        if self.cut_report is not None and ctx.rank == 0:  # cut_points="auto": the cuts and their stage times
+            ctx.reporter.send(self.cut_report)
 
     def _record_spans(self, stage: PipelineStage) -> None:
         """Time every micro-batch's forward and backward on this stage (the
@@ -189,12 +191,15 @@ def check_stages(cfg: RunConfig) -> None:
             f"it must be a multiple of pp"
         )
     cuts = cfg.cut_points
-    if cuts is not None and not (
-        len(cuts) == stages - 1 and list(cuts) == sorted(set(cuts)) and all(0 < c < layers for c in cuts)
+    if (
+        cuts is not None
+        and cuts != "auto"
+        and not (len(cuts) == stages - 1 and list(cuts) == sorted(set(cuts)) and all(0 < c < layers for c in cuts))
     ):
         raise ValueError(
             f"cut_points={cuts!r} is invalid: give {stages - 1} increasing layer indices "
-            f"in 1..{layers - 1} (where stages 2..{stages} start), or None to balance by parameters"
+            f"in 1..{layers - 1} (where stages 2..{stages} start), None to balance by parameters, "
+            "or 'auto' to balance by measured layer time"
         )
 
 
@@ -209,7 +214,11 @@ def layout(cfg: RunConfig) -> None:
 
 
 def _cuts(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    return (
+        value == "auto"
+        or isinstance(value, list)
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    )
 
 
 PP = integer("pp", 1, 1, "pp", "pipeline stages (pipeline: = world_size)", up_to=64)
@@ -220,9 +229,10 @@ PIPELINE_KNOBS = (
         "cut_points",
         None,
         optional(_cuts),
-        "None or a list of layer indices",
+        "None, 'auto' or a list of layer indices",
         None,
-        "first layer of every stage but the first, e.g. [2]; None balances stages by parameters",
+        "first layer of every stage but the first, e.g. [2]; None balances stages by parameters, "
+        "'auto' by each layer's measured forward+backward time",
     ),
     number("stage_delay", 0.0, 0.0, None, "teaching: seconds a stage sleeps per forward (2x per backward)"),
 )
