@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..kernel.run import Run
-from . import federated, staleness, timeline
+from . import balance, federated, staleness, timeline
 from .rundata import Context, RunData
 from .traces import TraceFunction, breakdown, loss, memory, speedup, throughput
 
@@ -61,6 +61,22 @@ PANELS: list[Panel] = [
         y_title="seconds",
     ),
     Panel(
+        "idle",
+        "idle fraction per rank (waiting for the slowest peer; sampled steps)",
+        balance.idle_traces,
+        when=lambda runs, ctx: any(data.idle for data in runs),
+        x_title="step",
+        y_title="idle fraction",
+    ),
+    Panel(
+        "shares",
+        "share of the global batch per rank (balance)",
+        balance.share_traces,
+        when=has_events("balance"),
+        x_title="step",
+        y_title="samples per step",
+    ),
+    Panel(
         "speedup",
         "speedup vs baseline (dashed: ideal)",
         speedup,
@@ -82,6 +98,14 @@ PANELS: list[Panel] = [
         when=has_events("span"),
         x_title="seconds since launch",
         y_title="stage · rank",
+    ),
+    Panel(
+        "cuts",
+        "pipeline stage times: parameter-count cuts (faint) vs auto cuts",
+        balance.cut_traces,
+        when=has_events("cuts"),
+        x_title="stage",
+        y_title="ms per micro-batch",
     ),
     Panel(
         "staleness",
