@@ -11,6 +11,8 @@ it). Unlike the live ``slowdown`` control, a speed holds for the whole run.
 [1.0, 0.5, 1.0]
 >>> rank_speeds({0: 4.0, 1: 2.0}, None, world_size=2)  # relative: the fastest is 1.0
 [1.0, 0.5]
+>>> rank_speeds({1: 0.25}, "uniform", world_size=2)  # a named speed over a profile's
+[1.0, 0.25]
 >>> check_speeds({2: 0.5}, None, world_size=2)
 Traceback (most recent call last):
 ...
@@ -45,6 +47,7 @@ def rank_speeds(
 ) -> list[float]:
     """Every rank's relative speed, the fastest 1.0 (see the module doc)."""
     drawn = devices.profile(rank_profile, world_size, seed).speed if rank_profile else [1.0] * world_size
+    drawn = [float(value / max(drawn)) for value in drawn]  # relative, like the named speeds
     values = [float((speeds or {}).get(rank, drawn[rank])) for rank in range(world_size)]
     fastest = max(values)
     return [value / fastest for value in values]

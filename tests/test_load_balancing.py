@@ -123,6 +123,7 @@ def test_timing_only_sampled_steps_leaves_the_others_estimated(runs_dir):
         (dict(balance="always"), r"balance='always' is invalid: it must be one of \['none', 'static', 'dynamic'\]"),
         (dict(balance_every=0), r"balance_every=0 is invalid: it must be a positive integer"),
         (dict(time_every=0), r"time_every=0 is invalid: it must be a positive integer"),
+        (dict(sample_work_s=-1e-3), r"sample_work_s=-0.001 is invalid: it must be a number >= 0"),
         (
             dict(strategy="pipeline", pp=2, balance="dynamic"),
             r"balance='dynamic' is invalid for strategy='pipeline': it is read by \['data'\]",
@@ -137,6 +138,25 @@ def test_bad_balancing_input_is_one_clear_error_before_launch(runs_dir, changes,
     cfg = RunConfig(strategy="data", world_size=2, run_dir=runs_dir, device="cpu").replace(**changes)
     with pytest.raises(ValueError, match=message):
         ddlkit.launch(cfg, echo=False)
+
+
+@pytest.mark.parametrize("strategy, extra", [("ps", dict(sync="async")), ("hogwild", {})])
+def test_a_persistent_speed_slows_its_rank_in_an_asynchronous_strategy(runs_dir, strategy, extra):
+    # each rank steps on its own: the rank at a quarter speed takes about 4x as long per step
+    run = _train(runs_dir, strategy=strategy, world_size=3, steps=10, delay_s={1: 0.02, 2: 0.02}, speeds={2: 0.25},
+                 **extra)  # fmt: skip
+    rows = run.metrics[run.metrics["step"] >= 1]
+    per_rank = rows.groupby("rank")["step_time"].median()
+    assert per_rank[2] > 2.5 * per_rank[1]
+
+
+def test_a_rank_profile_draws_speeds_for_the_ranks_from_the_seed():
+    from ddlkit.speeds import rank_speeds
+
+    edge = rank_speeds(None, "edge", world_size=8, seed=0)
+    assert max(edge) == 1.0 and min(edge) < 0.5  # a spread, the fastest at this machine's speed
+    assert edge == rank_speeds(None, "edge", world_size=8, seed=0) != rank_speeds(None, "edge", world_size=8, seed=1)
+    assert rank_speeds({3: 0.1}, "uniform", world_size=4) == [1.0, 1.0, 1.0, 0.1]
 
 
 def _pipeline(runs_dir, **changes):

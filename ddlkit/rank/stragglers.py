@@ -50,10 +50,16 @@ class Straggler:
         if cfg.slowdown and reporter is not None:
             reporter.preset_controls(slowdown=dict(cfg.slowdown))
 
-    def delay(self, live: Controls, work_started: float) -> float:
-        """Pause as this rank's stragglers say; returns the seconds paused."""
+    def delay(self, live: Controls, work_started: float, simulated_s: float = 0.0) -> float:
+        """Pause as this rank's stragglers say, ``simulated_s`` of simulated work
+        included; returns the seconds paused."""
         elapsed = time.perf_counter() - work_started
-        work = elapsed + self.fixed_s + (self.random.expovariate(1 / self.jitter_s) if self.jitter_s else 0.0)
+        work = (
+            elapsed
+            + simulated_s
+            + self.fixed_s
+            + (self.random.expovariate(1 / self.jitter_s) if self.jitter_s else 0.0)
+        )
         pause = work * live.slowdown_of(self.rank) / self.speed - elapsed  # the factor scales the scripted delays too
         if pause > 0:
             time.sleep(pause)

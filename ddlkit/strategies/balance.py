@@ -12,9 +12,13 @@ speed, so all ranks reach the all-reduce together:
   control) is given less.
 
 A rank's speed is its samples per second of *busy* time (the step's work up
-to its first gradient bucket: forward, backward, its straggler pause; no
-idle). At a re-share step every rank all-gathers the speeds and computes the
-same shares from them (``ddlkit.data.split_batch``), so all switch at the same
+to its first gradient bucket: reading the batch, forward, backward, its
+straggler pause; no idle), the median over the steps since the last re-share
+(the first ``WARM_UP`` steps of a run, slow with one-time set-up, are left out),
+averaged with the previous estimate, so that one noisy window moves the
+shares only half-way (a lasting change is followed within a few re-shares).
+At a re-share step every rank all-gathers the speeds and computes the same
+shares from them (``ddlkit.data.split_batch``), so all switch at the same
 step, and each sends a ``balance`` event. The global batch stays the same, so
 every sample is still used exactly once per epoch; each rank's mean loss is
 scaled by ``share * ranks / global batch`` before DDP's mean all-reduce, so
@@ -22,6 +26,8 @@ the update is the one a single process makes on the whole global batch.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 import torch.distributed as dist
@@ -34,6 +40,7 @@ from ..rank.strategy import RankContext
 from ..speeds import declared, rank_speeds
 
 MODES = ("none", "static", "dynamic")
+WARM_UP = 2  # steps whose speed is not measured: lazy set-up, and the step whose memory is measured
 KNOBS = (
     choice(
         "balance",
@@ -56,7 +63,8 @@ class Balancer:
         self.by_declared = self.mode != "none" and declared(cfg)
         weights = rank_speeds(cfg.speeds, cfg.rank_profile, dp_size, cfg.seed) if self.by_declared else [1.0] * dp_size
         self.shares = split_batch(self.global_batch, weights)
-        self.samples, self.busy_s = 0, 0.0
+        self.rates: list[float] = []  # samples per busy second, each step since the last re-share
+        self.estimate: list[float] | None = None  # every rank's speed, smoothed over the re-shares
 
     def scale(self, samples: int) -> float:
         """The factor on this rank's mean loss that makes DDP's mean the global batch's mean."""
@@ -72,16 +80,22 @@ class Balancer:
         """After ``step``: add its measure; re-share for the next step when due."""
         if self.mode == "none" or self.dp_size == 1:
             return
-        self.samples, self.busy_s = self.samples + samples, self.busy_s + busy_s
+        if step >= WARM_UP and busy_s > 0:
+            self.rates.append(samples / busy_s)
         upcoming = step + 1
         due = upcoming % self.every == 0 if self.mode == "dynamic" else upcoming == self.every
         if not due or upcoming >= self.steps or (self.mode == "static" and self.by_declared):
             return
-        mine = torch.tensor([self.samples / max(self.busy_s, 1e-9)], dtype=torch.float64)
+        mine = torch.tensor([statistics.median(self.rates) if self.rates else 0.0], dtype=torch.float64)
         gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(self.dp_size)]
         dist.all_gather(gathered, mine)
         speeds = [float(t.item()) for t in gathered]  # the same numbers on every rank: the same shares
-        self.samples, self.busy_s = 0, 0.0
+        self.rates = []
+        if min(speeds) <= 0:  # a window of warm-up steps only: nothing measured yet
+            return
+        if self.estimate is not None:  # half the old estimate: one noisy window (a busy machine) moves shares half-way
+            speeds = [(old + new) / 2 for old, new in zip(self.estimate, speeds, strict=True)]
+        self.estimate = speeds
         self.shares = split_batch(self.global_batch, speeds)
         ctx.shard.set_shares(self.shares)
         self._announce(ctx, upcoming, speeds)

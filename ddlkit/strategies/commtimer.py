@@ -46,6 +46,7 @@ class CommTimer:
         self.group = group
         self.ctx: RankContext | None = None  # set by the strategy's setup: stragglers pause in the hook
         self.sampled = False
+        self.simulated_s = 0.0
         self._first = True
         self.began = 0.0
         self.busy_s = 0.0
@@ -53,9 +54,10 @@ class CommTimer:
         self.transfer_s = 0.0
         self._window = (0.0, 0.0)
 
-    def start(self, sampled: bool) -> None:
-        """Call as the step's work begins; ``sampled``: the same on every rank at that step."""
-        self.sampled, self._first = sampled, True
+    def start(self, sampled: bool, simulated_s: float = 0.0) -> None:
+        """Call as the step's work begins; ``sampled``: the same on every rank at that step;
+        ``simulated_s``: simulated compute the straggler pause adds (``sample_work_s``)."""
+        self.sampled, self._first, self.simulated_s = sampled, True, simulated_s
         self.idle_s = self.transfer_s = self.busy_s = 0.0
         self.began = time.perf_counter()
 
@@ -69,7 +71,7 @@ class CommTimer:
             self._first = False
             work_started = self.began if self.ctx is None else min(self.ctx.step_started, self.began)
             if self.ctx is not None:
-                self.ctx.straggle(work_started)
+                self.ctx.straggle(work_started, self.simulated_s)
             now = time.perf_counter()
             self.busy_s = now - work_started
             if self.sampled:

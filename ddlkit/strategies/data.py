@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..knobs import integer
+from ..knobs import integer, number
 from ..models import loss_fn
 from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
 from ..registry import StrategySpec, register
@@ -36,7 +36,7 @@ class DataParallel(Strategy):
         self.task = task
         self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
         self.dp_rank, self.dp_size = accelerator.process_index, accelerator.num_processes
-        self.time_every = cfg.time_every
+        self.time_every, self.sample_work_s = cfg.time_every, cfg.sample_work_s
         self.balancer = Balancer(cfg, self.dp_rank, self.dp_size)
         self.comm = CommTimer()
         self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
@@ -52,7 +52,7 @@ class DataParallel(Strategy):
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         step = self.ctx.step if self.ctx is not None else 0
         sampled = self.ddp and step % self.time_every == 0
-        self.comm.start(sampled)
+        self.comm.start(sampled, simulated_s=len(inputs) * self.sample_work_s)
         loss = loss_fn(self.task, self.model(inputs), targets)
         scale = self.balancer.scale(len(inputs))  # uneven shares: weigh each rank's mean by its samples
         self.accelerator.backward(loss * scale if scale != 1.0 else loss)  # DDP all-reduces buckets in backward
@@ -86,6 +86,15 @@ TIME_EVERY = integer(
     "time_every", 10, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
 )
 
+SAMPLE_WORK = number(
+    "sample_work_s",
+    0.0,
+    0.0,
+    None,
+    "teaching: seconds of simulated compute per sample (a sleep scaled by the rank's speed), so that work follows "
+    "the shares even on a busy machine",
+)
+
 
 def one_process(cfg: RunConfig) -> None:
     if cfg.world_size != 1:
@@ -110,7 +119,7 @@ register(
         "data",
         DataParallel,
         "data parallel (DDP): every rank the whole model, a shard of each batch, gradients all-reduced",
-        knobs=(*BALANCE_KNOBS, TIME_EVERY),
+        knobs=(*BALANCE_KNOBS, TIME_EVERY, SAMPLE_WORK),
         checkpoint="consolidated",
         position=1,
     )
