@@ -40,13 +40,14 @@ def test_a_balanced_run_gets_idle_and_share_panels_with_a_line_per_rank():
     fig = ddlkit.figures.figure(run, keys=["idle", "shares"])
     titles = [a.text for a in fig.layout.annotations]
     assert titles == [
-        "idle fraction per rank (waiting for the slowest peer; sampled steps)",
-        "share of the global batch per rank (balance)",
+        "idle fraction (waiting for the slowest peer): rank 0 solid, 1 dotted, 2 dashed",
+        "share of the global batch (balance): rank 0 solid, 1 dotted, 2 dashed",
     ]
     assert fig.layout.xaxis.title.text == "step" and fig.layout.yaxis.title.text == "idle fraction"
     assert fig.layout.yaxis2.title.text == "samples per step"
     idle = [t for t in fig.data if t.xaxis == "x"]
-    assert [t.name for t in idle] == ["rank 0", "rank 1"]
+    assert [t.name for t in idle] == ["rank 0", "rank 1"] and [t.line.dash for t in idle] == ["solid", "dot"]
+    assert not any(t.showlegend for t in fig.data)  # ranks are told by the dash (in the titles), runs by colour
     assert list(idle[0].x) == list(range(0, 20, 2)) and idle[0].y[0] == pytest.approx(0.4)
     assert idle[0].y[-1] == pytest.approx(0.1) and max(idle[1].y) == pytest.approx(0.02)
     share = [t for t in fig.data if t.xaxis == "x2"]
@@ -75,3 +76,5 @@ def test_the_cuts_panel_shows_stage_times_before_and_after():
     assert [t.name for t in fig.data] == ["by parameters [1]", "auto [2]"]
     assert list(fig.data[0].y) == pytest.approx([1.0, 202.0]) and list(fig.data[1].y) == pytest.approx([101.0, 102.0])
     assert list(fig.data[1].x) == ["stage 0", "stage 1"] and fig.layout.barmode == "group"
+    assert fig.data[0].marker.color == "#aaaaaa" != fig.data[1].marker.color  # before grey, after in colour
+    assert fig.layout.yaxis.title.text == "ms (forward + backward)" and fig.layout.height == 360

@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 
 from ..kernel.run import Run
-from .rundata import COLORS, Context, RunData, downsample
+from .rundata import Context, RunData, downsample
 from .traces import series_name
+
+DASHES = ("solid", "dot", "dash", "dashdot", "longdash", "longdashdot")  # rank 0, 1, ...: the run keeps its colour
 
 
 def idle_table(run: Run, from_step: int = 0) -> pd.DataFrame:
@@ -65,7 +67,6 @@ def idle_traces(runs: list[RunData], ctx: Context) -> list[Any]:
         for rank, series in sorted(data.idle.items()):
             steps, fraction = series["step"].values, series["fraction"].values
             keep = downsample(fraction)
-            color = COLORS[rank % len(COLORS)] if len(runs) == 1 else data.color
             out.append(
                 dict(
                     type="scatter",
@@ -74,8 +75,9 @@ def idle_traces(runs: list[RunData], ctx: Context) -> list[Any]:
                     name=series_name(data, runs, f"rank {rank}"),
                     mode="lines+markers",
                     marker={"size": 4},
-                    line={"color": color},
+                    line={"color": data.color, "dash": DASHES[rank % len(DASHES)]},
                     legendgroup=data.run.id,
+                    showlegend=False,
                     hovertemplate=f"rank {rank}: %{{y:.0%}} idle at step %{{x}}<extra></extra>",
                 )
             )
@@ -92,7 +94,6 @@ def share_traces(runs: list[RunData], ctx: Context) -> list[Any]:
         steps = sorted(decided)
         last = max(steps[-1], int(data.steps()[-1]) if len(data.steps()) else 0)
         for rank in range(len(decided[steps[0]])):
-            color = COLORS[rank % len(COLORS)] if len(runs) == 1 else data.color
             out.append(
                 dict(
                     type="scatter",
@@ -100,7 +101,7 @@ def share_traces(runs: list[RunData], ctx: Context) -> list[Any]:
                     y=[*(decided[s][rank] for s in steps), decided[steps[-1]][rank]],
                     name=series_name(data, runs, f"rank {rank} share"),
                     mode="lines",
-                    line={"color": color, "shape": "hv"},
+                    line={"color": data.color, "shape": "hv", "dash": DASHES[rank % len(DASHES)]},
                     legendgroup=data.run.id,
                     showlegend=False,
                 )
@@ -110,11 +111,11 @@ def share_traces(runs: list[RunData], ctx: Context) -> list[Any]:
 
 def cut_traces(runs: list[RunData], ctx: Context) -> list[Any]:
     """Bars of each pipeline stage's profiled time: parameter-count cuts
-    (before, faint) beside the auto cuts (after)."""
+    (before, grey) beside the auto cuts (after, the run's colour)."""
     out = []
     for data in runs:
         for report in data.kept["cuts"][-1:]:
-            for key, label, opacity in (("param_stage_s", "by parameters", 0.4), ("stage_s", "auto", 1.0)):
+            for key, label, color in (("param_stage_s", "by parameters", "#aaaaaa"), ("stage_s", "auto", data.color)):
                 cuts = report["param_cuts" if key == "param_stage_s" else "cuts"]
                 out.append(
                     dict(
@@ -122,7 +123,7 @@ def cut_traces(runs: list[RunData], ctx: Context) -> list[Any]:
                         x=[f"stage {k}" for k in range(len(report[key]))],
                         y=list(np.asarray(report[key]) * 1000),
                         name=series_name(data, runs, f"{label} {cuts}"),
-                        marker={"color": data.color, "opacity": opacity},
+                        marker={"color": color},
                         legendgroup=data.run.id,
                         hovertemplate=f"{label}: %{{y:.2f}} ms<extra></extra>",
                     )
@@ -138,7 +139,7 @@ def cuts_figure(run: Run) -> Any:
     fig.update_layout(
         barmode="group",
         title="pipeline stage times (profiled): parameter-count cuts vs auto cuts",
-        yaxis_title="ms per micro-batch (forward + backward)",
+        yaxis_title="ms (forward + backward)",
         height=360,
     )
     return fig

@@ -62,7 +62,7 @@ PANELS: list[Panel] = [
     ),
     Panel(
         "idle",
-        "idle fraction per rank (waiting for the slowest peer; sampled steps)",
+        "idle fraction (waiting for the slowest peer): rank 0 solid, 1 dotted, 2 dashed",
         balance.idle_traces,
         when=lambda runs, ctx: any(data.idle for data in runs),
         x_title="step",
@@ -70,7 +70,7 @@ PANELS: list[Panel] = [
     ),
     Panel(
         "shares",
-        "share of the global batch per rank (balance)",
+        "share of the global batch (balance): rank 0 solid, 1 dotted, 2 dashed",
         balance.share_traces,
         when=has_events("balance"),
         x_title="step",
@@ -101,7 +101,7 @@ PANELS: list[Panel] = [
     ),
     Panel(
         "cuts",
-        "pipeline stage times: parameter-count cuts (faint) vs auto cuts",
+        "pipeline stage times: parameter-count cuts (grey) vs auto cuts",
         balance.cut_traces,
         when=has_events("cuts"),
         x_title="stage",
