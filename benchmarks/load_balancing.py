@@ -16,7 +16,11 @@ against none after step 0, the difference being the sampled steps' price;
 and the Python cost of the hook on an unsampled step, measured in-process
 against calling the inner hook directly.
 
-    python benchmarks/load_balancing.py [--reps 3] [--steps 60] [--hidden 512] [--batch 512]
+``--sample-work-ms`` adds simulated compute per sample (``sample_work_s``: a
+sleep scaled by the rank's speed), which a machine shared with other jobs
+cannot disturb; without it the work is the real MLP's (noisy under load).
+
+    python benchmarks/load_balancing.py [--reps 3] [--steps 60] [--hidden 512] [--batch 512] [--sample-work-ms 0]
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ RATIOS = (1.0, 1.5, 2.0, 3.0)
 def data_parallel(opts: argparse.Namespace, run_dir: str) -> None:
     base = ddlkit.RunConfig(strategy="data", world_size=2, model="mlp", dataset="digits", hidden=opts.hidden,
                             batch_size=opts.batch, steps=opts.steps, lr=0.05, device="cpu", run_dir=run_dir,
-                            time_every=2, balance_every=10)  # fmt: skip
-    print(f"data parallel, 2 ranks, rank 1 at speed 1/ratio, steps {opts.steady}..{opts.steps - 1}, "
-          f"medians of {opts.reps}")  # fmt: skip
+                            time_every=2, balance_every=10, sample_work_s=opts.sample_work_ms / 1000)  # fmt: skip
+    work = f"simulated work {opts.sample_work_ms} ms/sample" if opts.sample_work_ms else "real compute only"
+    print(f"data parallel, 2 ranks, rank 1 at speed 1/ratio, MLP hidden {opts.hidden}, batch {opts.batch}/rank, "
+          f"{work}; steps {opts.steady}..{opts.steps - 1}, medians of {opts.reps}")  # fmt: skip
     print(f"{'ratio':>5} {'mode':>8} {'samples/s':>10} {'x none':>7} {'ideal':>6} {'idle r0':>8} {'idle r1':>8}")
     for ratio in RATIOS:
         speed: dict[str, list[float]] = {m: [] for m in MODES}
@@ -123,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steady", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--sample-work-ms", type=float, default=0.0, help="simulated compute per sample (a sleep)")
     parser.add_argument("--only", choices=("data", "pipeline", "timing"), default=None)
     opts = parser.parse_args()
     run_dir = tempfile.mkdtemp()

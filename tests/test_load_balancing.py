@@ -3,6 +3,8 @@ and data parallelism that shares each global batch by speed and stays exact."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -213,3 +215,40 @@ def test_auto_cuts_are_a_valid_partition_of_every_layer(runs_dir):
     assert all(bounds[k] < bounds[k + 1] for k in range(4))  # every stage non-empty, every layer in exactly one
     assert report["stage_s"] == pytest.approx([sum(report["layer_s"][bounds[k] : bounds[k + 1]]) for k in range(4)])
     assert max(report["stage_s"]) <= max(report["param_stage_s"]) + 1e-12  # never worse on the measured times
+
+
+def test_the_comm_timer_wraps_any_hook_and_pauses_once_per_step(tmp_path):
+    import torch.distributed as dist
+
+    from ddlkit.strategies.commtimer import CommTimer
+
+    calls: list[object] = []
+
+    def compressing_hook(state, bucket):  # stands for a strategy's chosen hook (fp16, PowerSGD, top-k)
+        calls.append((state, bucket))
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(torch.ones(3))
+        return fut
+
+    class Ctx:
+        step_started, paused = 0.0, 0
+
+        def straggle(self, started, simulated_s=0.0):
+            self.paused += 1
+            return 0.0
+
+    timer, ctx = CommTimer(compressing_hook), Ctx()
+    timer.ctx = ctx  # type: ignore[assignment]
+    ctx.step_started = time.perf_counter()
+    timer.start(sampled=False)
+    assert [timer.hook("s", b).value().sum().item() for b in ("b0", "b1", "b2")] == [3.0, 3.0, 3.0]
+    assert calls == [("s", "b0"), ("s", "b1"), ("s", "b2")] and ctx.paused == 1  # the pause: at the first bucket
+    assert timer.idle_s == timer.transfer_s == 0.0 and timer.busy_s > 0  # unsampled: nothing timed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        timer.start(sampled=True)
+        assert timer.hook("s", "b0").wait().sum().item() == 3.0
+        assert timer.idle_s > 0 and timer.transfer_s > 0 and ctx.paused == 2
+        assert timer.comm_s >= timer.transfer_s
+    finally:
+        dist.destroy_process_group()
