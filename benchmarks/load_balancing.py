@@ -98,8 +98,8 @@ def timing_cost(opts: argparse.Namespace, run_dir: str) -> None:
     sampled, unsampled = (statistics.median(step[k]) for k in step)
     print("\ncomm timing cost, 2 ranks, MLP hidden 128, batch 32 (a small step: the cost shows)")
     print(f"step time, none sampled: {unsampled * 1e3:.3f} ms; every step sampled: {sampled * 1e3:.3f} ms "
-          f"(+{(sampled - unsampled) * 1e6:.0f} us a sampled step; at time_every=10: "
-          f"+{(sampled - unsampled) * 1e5 / unsampled:.1f} % a step on average)")  # fmt: skip
+          f"(+{(sampled - unsampled) * 1e6:.0f} us a sampled step; at time_every=20: "
+          f"+{(sampled - unsampled) / 20 / unsampled * 100:.1f} % a step on average)")  # fmt: skip
     print(f"hook on an unsampled step, in-process: +{hook_overhead_us():.2f} us a bucket over the bare hook")
 
 

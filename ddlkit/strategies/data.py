@@ -83,7 +83,7 @@ class DataParallel(Strategy):
 
 
 TIME_EVERY = integer(
-    "time_every", 10, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
+    "time_every", 20, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
 )
 
 SAMPLE_WORK = number(
