@@ -7,7 +7,8 @@ Data parallel: 2 ranks, rank 1 at speed 1/ratio (``speeds``), an MLP with
 ``--hidden`` units and ``--batch`` samples per rank (compute must outweigh the
 all-reduce, which a speed does not scale). Throughput and rank 0's idle
 fraction are measured from step ``--steady`` on (after warm-up and the first
-re-shares; ``ddlkit.balance``). Ideal balanced/none at ratio r: 2r / (r + 1).
+re-shares; ``ddlkit.balance``). Ideal balanced/none at ratio r: (r + 1) / 2
+(a step's time unbalanced: r halves of work; shared by speed: 2r / (r + 1)).
 Repetitions alternate the modes so that drift in the machine affects all;
 medians are reported.
 
@@ -62,7 +63,7 @@ def data_parallel(opts: argparse.Namespace, run_dir: str) -> None:
             rate = statistics.median(speed[mode])
             r0 = statistics.median(i[0] for i in idle[mode])
             r1 = statistics.median(i[1] for i in idle[mode])
-            print(f"{ratio:5.1f} {mode:>8} {rate:10,.0f} {rate / none:7.2f} {2 * ratio / (ratio + 1):6.2f} "
+            print(f"{ratio:5.1f} {mode:>8} {rate:10,.0f} {rate / none:7.2f} {(ratio + 1) / 2:6.2f} "
                   f"{r0:8.0%} {r1:8.0%}")  # fmt: skip
 
 

