@@ -114,7 +114,8 @@ def test_changing_the_world_size_during_a_run_relaunches_it_in_the_new_layout(ru
     panel = ControlPanel(
         RunConfig(strategy="data", world_size=2, steps=400, batch_size=8, device="cpu", run_dir=runs_dir)
     )
-    (checkpoints,) = panel.knob_box.children
+    balance, balance_every, checkpoints = panel.knob_box.children  # data's knobs, then the checkpoint field
+    assert (balance.description, balance_every.description) == ("balance", "balance every")
     assert panel.config().checkpoint_every is None  # 0 in the widget: off
     run = panel.start()
     wait_until(lambda: run.steps_done > 20, 60, "steps")
