@@ -26,9 +26,10 @@ from ..registry import StrategySpec, register
 from .balance import KNOBS as BALANCE_KNOBS
 from .balance import Balancer
 from .commtimer import CommTimer
+from .state import WholeState
 
 
-class DataParallel(Strategy):
+class DataParallel(WholeState, Strategy):
     def __init__(
         self, cfg: RunConfig, accelerator: Any, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory
     ):
@@ -40,7 +41,7 @@ class DataParallel(Strategy):
         self.balancer = Balancer(cfg, self.dp_rank, self.dp_size)
         self.comm = CommTimer()
         self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-        if self.ddp:
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # not with one process
             self.model.register_comm_hook(state=None, hook=self.comm.hook)
         self.ctx: RankContext | None = None
         self.comm_share = 0.0  # of the step's time, on the latest sampled step: unsampled steps are split by it
@@ -73,14 +74,6 @@ class DataParallel(Strategy):
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
 
 TIME_EVERY = integer(
     "time_every", 20, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
@@ -111,6 +104,7 @@ register(
         "one process, plain training: the reference every strategy is compared with",
         layout=one_process,
         checkpoint="consolidated",
+        portable=True,
         position=0,
     )
 )
@@ -121,6 +115,7 @@ register(
         "data parallel (DDP): every rank the whole model, a shard of each batch, gradients all-reduced",
         knobs=(*BALANCE_KNOBS, TIME_EVERY, SAMPLE_WORK),
         checkpoint="consolidated",
+        portable=True,
         position=1,
     )
 )
