@@ -51,6 +51,14 @@ class StrategyKnob(Knob):
         return choice_problem(self.name, value, registry.names())
 
 
+@dataclass(frozen=True)
+class ProfileKnob(Knob):
+    """rank_profile: None, or a device profile (the nearest one named for a typo)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if value is None else choice_problem(self.name, value, devices.KINDS)
+
+
 def one_fault(value: Any) -> bool:
     return isinstance(value, dict) and {"rank", "step", "kind"} <= set(value) <= FAULT_KEYS
 
@@ -185,11 +193,12 @@ COMMON: dict[str, Knob] = {
             "None or a dict {rank: speed > 0}",
             "heterogeneous ranks: relative compute speeds, e.g. {1: 0.5} runs rank 1 at half speed",
         ),
-        _knob(
+        ProfileKnob(
             "rank_profile",
             None,
             lambda value: value is None or value in devices.KINDS,
             f"None or one of {list(devices.KINDS)}",
+            None,
             "heterogeneous ranks drawn from a device profile (edge: a slow quarter); speeds override it per rank",
         ),
         flag(

@@ -92,11 +92,11 @@ class RunConfig:
     slowdown: dict[int, float] | None
     delay_s: dict[int, float] | None
     delay_jitter_s: float
-    # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
-    oversubscribe: bool
     # Heterogeneous ranks, any strategy: relative compute speeds ({1: 0.5}) or a device profile (ddlkit.speeds).
     speeds: dict[int, float] | None
     rank_profile: str | None
+    # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
+    oversubscribe: bool
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
     # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
     eval_every: int | None
