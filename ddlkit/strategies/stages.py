@@ -127,13 +127,15 @@ def layer_times(layers: Sequence[nn.Module], example: torch.Tensor, reps: int = 
     return [statistics.median(run[k] for run in runs[1:]) for k in range(len(layers))]
 
 
-def choose_cuts(cfg: RunConfig, layers: Sequence[nn.Module], stages: int) -> tuple[list[int], events.Cuts | None]:
+def choose_cuts(
+    cfg: RunConfig, layers: Sequence[nn.Module], stages: int, param_cuts: list[int]
+) -> tuple[list[int], events.Cuts | None]:
     """The config's cuts: given, by parameter count (None), or ``"auto"``:
     those that minimise the slowest stage's measured time, with a ``cuts``
     event comparing them to the parameter-count cuts. Every rank profiles a
     micro-batch of the data and the times are averaged over all ranks, so every
-    rank (every replica of a hybrid) cuts the same."""
-    param_cuts = balanced_cuts([sum(p.numel() for p in layer.parameters()) for layer in layers], stages)
+    rank (every replica of a hybrid) cuts the same. ``param_cuts``: the
+    schedule's cuts by parameter count."""
     if cfg.cut_points != "auto":
         return list(cfg.cut_points or param_cuts), None
     example = load_dataset(cfg.dataset, cfg.seed, cfg.seq_len).inputs[: cfg.batch_size // cfg.micro_batches]
