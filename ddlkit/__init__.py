@@ -38,6 +38,7 @@ __all__ = [
     "timeline",
     "staleness",
     "federated",
+    "balance",
 ]
 
 # The view side, imported on first use: workers import ddlkit too, and need no plotly or widgets.
@@ -47,7 +48,7 @@ _LAZY = {
     "sweep": "view.sweeps",
     "report": "view.figures",
 }
-_VIEW_MODULES = ("figures", "timeline", "staleness", "federated")
+_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "balance")
 
 
 def __getattr__(name: str) -> Any:

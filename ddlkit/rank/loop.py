@@ -115,7 +115,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
         wait_s = time.perf_counter() - step_start
         if step in ctx.faults:
             inject_fault(ctx.faults[step], step)
-        ctx.straggled = False
+        ctx.straggled, ctx.step, ctx.step_started = False, step, step_start
         stats = measured_step(ctx, strategy, step, inputs, targets)
         for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
             reporter.send({**event, "step": step})

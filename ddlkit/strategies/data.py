@@ -4,36 +4,29 @@ optimizer step, so N ranks with batch B step exactly like one process with
 batch N*B. The averaging is PyTorch's DistributedDataParallel, set up by
 accelerate; with one process (strategy ``single``) accelerate leaves the model
 unwrapped and the same step is plain training.
+
+With ``balance`` (``ddlkit.strategies.balance``) ranks take uneven shares of
+the same global batch, by speed, and each weighs its loss by its share, so
+the step stays exact. The all-reduce is timed on every ``time_every``-th step
+and split into idle and transfer time (``ddlkit.strategies.commtimer``).
 """
 
-import time  # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
+from __future__ import annotations
+
+import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from ..config import RunConfig
+from ..knobs import integer, number
 from ..models import loss_fn
-from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
 from ..registry import StrategySpec, register
+from .balance import KNOBS as BALANCE_KNOBS
+from .balance import Balancer
+from .commtimer import CommTimer
 from .state import WholeState
-
-
-class CommTimer:
-    """Wraps DDP's all-reduce hook to add up how long the all-reduces take."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        start = time.perf_counter()
-
-        def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-            self.seconds += time.perf_counter() - start
-            return fut.value()
-
-        return allreduce_hook(state, bucket).then(done)
 
 
 class DataParallel(WholeState, Strategy):
@@ -44,23 +37,56 @@ class DataParallel(WholeState, Strategy):
         self.task = task
         self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
         self.dp_rank, self.dp_size = accelerator.process_index, accelerator.num_processes
+        self.time_every, self.sample_work_s = cfg.time_every, cfg.sample_work_s
+        self.balancer = Balancer(cfg, self.dp_rank, self.dp_size)
         self.comm = CommTimer()
-        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+        self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # not with one process
             self.model.register_comm_hook(state=None, hook=self.comm.hook)
+        self.ctx: RankContext | None = None
+        self.comm_share = 0.0  # of the step's time, on the latest sampled step: unsampled steps are split by it
+
+    def setup(self, ctx: RankContext) -> None:
+        self.ctx = self.comm.ctx = ctx
+        self.balancer.start(ctx)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
-        start, self.comm.seconds = time.perf_counter(), 0.0
+        step = self.ctx.step if self.ctx is not None else 0
+        sampled = self.ddp and step % self.time_every == 0
+        self.comm.start(sampled, simulated_s=len(inputs) * self.sample_work_s)
         loss = loss_fn(self.task, self.model(inputs), targets)
-        self.accelerator.backward(loss)  # DDP all-reduces gradient buckets during backward
+        scale = self.balancer.scale(len(inputs))  # uneven shares: weigh each rank's mean by its samples
+        self.accelerator.backward(loss * scale if scale != 1.0 else loss)  # DDP all-reduces buckets in backward
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        return StepStats(loss.detach(), compute_s=max(elapsed - self.comm.seconds, 0.0), comm_s=self.comm.seconds)
+        elapsed = time.perf_counter() - self.comm.began
+        row: dict[str, Any] = {}
+        if sampled:
+            self.comm_share = min(self.comm.comm_s / elapsed, 1.0)
+            row = {"idle_s": self.comm.idle_s, "transfer_s": self.comm.transfer_s}
+        comm_s = self.comm.comm_s if sampled else elapsed * self.comm_share
+        if self.ctx is not None:
+            self.balancer.after(self.ctx, step, len(inputs), self.comm.busy_s)
+        return StepStats(loss.detach(), compute_s=max(elapsed - comm_s, 0.0), comm_s=comm_s, row=row)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank holds the whole model: rank 0's copy is the full state."""
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+TIME_EVERY = integer(
+    "time_every", 20, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
+)
+
+SAMPLE_WORK = number(
+    "sample_work_s",
+    0.0,
+    0.0,
+    None,
+    "teaching: seconds of simulated compute per sample (a sleep scaled by the rank's speed), so that work follows "
+    "the shares even on a busy machine",
+)
 
 
 def one_process(cfg: RunConfig) -> None:
@@ -87,6 +113,7 @@ register(
         "data",
         DataParallel,
         "data parallel (DDP): every rank the whole model, a shard of each batch, gradients all-reduced",
+        knobs=(*BALANCE_KNOBS, TIME_EVERY, SAMPLE_WORK),
         checkpoint="consolidated",
         portable=True,
         position=1,
