@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import checkpoint
 from ..files import open_private_fd, write_json
-from .follow import RankLogs, read_meta, status_of
+from .follow import read_meta, status_of
 from .run import Run
 
 STATUSES = ("done", "failed", "stopped")
@@ -161,7 +161,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
 def _load_rank_logs(path: Path) -> Run:
     """A folder that ranks of another launcher wrote: their ``events-rank<r>.jsonl``, merged in time order."""
     meta = read_meta(path)
-    events = [e for e in RankLogs(path).read() if e.get("type") != "beat"]
+    logs = sorted(path.glob("events-rank*.jsonl"))  # each read as events.jsonl is: torn lines skipped, with why
+    events = sorted((e for log in logs for e in read_events(log) if e["type"] != "beat"), key=lambda e: e["time"])
     started = meta.get("started", events[0]["time"] if events else 0.0)
     world_size = meta.get("world_size", len({e["rank"] for e in events if isinstance(e.get("rank"), int)}))
     if world_size < 1:
