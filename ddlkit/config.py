@@ -35,6 +35,7 @@ from .knobs import (
     problem,
     require,
 )
+from .network import problem as network_problem
 
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
@@ -98,6 +99,9 @@ class RunConfig:
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
     # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
     eval_every: int | None = None
+    # Between the ranks (ddlkit.network): "loopback", a preset or {"latency_ms": ..., "bandwidth_gbps": ...}; each
+    # collective and message takes the alpha-beta model's time on top of loopback's. Live: run.control(network=...).
+    network: str | dict[str, float] = "loopback"
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})
@@ -155,6 +159,7 @@ class RunConfig:
         self._validate_device(spec)
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
+        require(network_problem(self.network, self.resolved_device() if self.network != "loopback" else "cpu"))
         self._validate_knobs(spec)
         if self.checkpoint_every is not None and spec.checkpoint is None:
             able = [name for name in registry.names() if registry.get(name).checkpoint]

@@ -38,6 +38,8 @@ class Step(Event):
     compute_s: NotRequired[float]
     comm_s: NotRequired[float]
     wait_s: NotRequired[float]
+    network_s: NotRequired[float]
+    comm_bytes: NotRequired[int]
     staleness: NotRequired[int]
     version: NotRequired[int]
     dropped: NotRequired[bool]
@@ -74,6 +76,8 @@ class Comm(Event):
     step: int
     comm_bytes: int
     comm_calls: int
+    wire_bytes: NotRequired[int]  # what the algorithms move per rank (ring all-reduce: 2(n-1)/n of the payload)
+    network_s: NotRequired[float]  # the emulated network's modelled seconds in that step
 
 
 class ControlRequest(Event):
@@ -81,6 +85,7 @@ class ControlRequest(Event):
     paused: NotRequired[bool]
     stop: NotRequired[bool]
     slowdown: NotRequired[dict[str, float]]
+    network: NotRequired[Any]  # a preset name or {"latency_ms": ..., "bandwidth_gbps": ...}
     knobs: NotRequired[dict[str, Any]]  # a strategy's live knobs, by name
 
 
@@ -120,6 +125,9 @@ class Finished(Event):
     stopped: NotRequired[bool]
     updates: NotRequired[int]
     param_checksum: NotRequired[float]
+    payload_bytes: NotRequired[int]
+    wire_bytes: NotRequired[int]
+    network_s: NotRequired[float]
 
 
 class Beat(Event):

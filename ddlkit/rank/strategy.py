@@ -35,6 +35,8 @@ from ..config import RunConfig
 from ..controls import Controls
 from ..data import Dataset, ShardedStream
 from ..events import Event
+from ..network import link_of
+from .emulated import NETWORK
 from .evaluate import HeldOut, due
 from .faults import inject_fault
 from .reporter import Reporter
@@ -87,9 +89,12 @@ class RankContext:
         return self.straggler.delay(self.controls.current, work_started)
 
     def follow(self, live: Controls, strategy: Strategy) -> None:
-        """Apply what changed in this step's controls: the learning rate, and the
-        strategy's live knobs (set on ``cfg``, then ``strategy.on_knobs``)."""
+        """Apply what changed in this step's controls: the learning rate, the
+        emulated network, and the strategy's live knobs (set on ``cfg``, then ``strategy.on_knobs``)."""
         self.lr = follow_lr(live, self.lr, strategy.set_lr)
+        if live.network is not None and live.network != self.cfg.network:
+            self.cfg.network = live.network
+            NETWORK.link = link_of(live.network)
         changed = {name: value for name, value in live.knobs.items() if getattr(self.cfg, name) != value}
         for name, value in changed.items():
             setattr(self.cfg, name, value)

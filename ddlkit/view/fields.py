@@ -17,6 +17,7 @@ import ipywidgets as widgets
 from .. import registry
 from ..config import DATASETS, MODELS, RunConfig
 from ..knobs import Widget
+from ..network import PRESETS, name_of
 
 # The fields every experiment has, as the panel's first two rows.
 COMMON = {
@@ -28,6 +29,7 @@ COMMON = {
     "steps": Widget("int", "steps", 1, 1_000_000),
     "lr": Widget("float", "lr", 1e-4, 1.0),  # a log slider
 }
+NETWORK = Widget("choice", "network", options=tuple(PRESETS))  # a config's own dict joins the menu's options
 # Checkpoints make a run resizable live (0: none, the field's None).
 CHECKPOINTS = Widget("int", "checkpoint every (0: off)", 0, 1_000_000, none_as=0)
 
@@ -67,3 +69,17 @@ def value_of(hint: Widget, widget: widgets.ValueWidget) -> Any:
     """The config value a widget holds (its ``none_as`` back to None)."""
     value = widget.value
     return None if hint.none_as is not None and value == hint.none_as else value
+
+
+def network_menu(network: Any) -> widgets.Dropdown:
+    """The emulated network's menu (``ddlkit.network``): the presets, and the config's own dict if it has one."""
+    options = [(name, name) for name in PRESETS]
+    if not isinstance(network, str):
+        options.append((name_of(network), network))
+    return widgets.Dropdown(
+        options=options,
+        value=network,
+        description="network",
+        style={"description_width": "initial"},
+        layout=widgets.Layout(width="190px"),
+    )
