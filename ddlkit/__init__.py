@@ -35,6 +35,7 @@ __all__ = [
     "timeline",
     "staleness",
     "federated",
+    "costmodel",
 ]
 
 # The view side, imported on first use: workers import ddlkit too, and need no plotly or widgets.
@@ -44,7 +45,7 @@ _LAZY = {
     "sweep": "view.sweeps",
     "report": "view.figures",
 }
-_VIEW_MODULES = ("figures", "timeline", "staleness", "federated")
+_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "costmodel")
 
 
 def __getattr__(name: str) -> Any:
