@@ -121,3 +121,33 @@ def test_every_strategy_goes_through_the_emulated_network(runs_dir, layout):
         assert event["network_s"] >= 2e-3  # at least one latency for each rank
     comm = [e for e in run.events if e["type"] == "comm" and e["comm_bytes"] > 0]
     assert comm and all(e["network_s"] > 0 for e in comm)
+
+
+def test_the_network_panel_shows_measured_comm_beside_the_model():
+    from ddlkit.kernel.run import Run
+    from ddlkit.view import panels
+    from ddlkit.view.rundata import RunData
+
+    def rows(network_s):
+        return [
+            {"type": "step", "rank": r, "step": s, "time": 1.0 + s, "loss": 1.0, "samples": 8, "step_time": 0.02,
+             "compute_s": 0.005, "comm_s": 0.015, "wait_s": 0.0, "network_s": network_s}
+            for s in range(3) for r in (0, 1)
+        ]  # fmt: skip
+
+    loopback, slow = RunData(Run.from_events(rows(0.0))), RunData(Run.from_events(rows(0.012)))
+    for data in (loopback, slow):
+        data.update()
+    assert "network" not in [p.key for p in panels.active_panels([loopback])]  # nothing emulated: no panel
+    panel = next(p for p in panels.active_panels([slow]) if p.key == "network")
+    measured, model = panel.traces([slow], panels.Context())
+    assert list(measured["y"]) == pytest.approx([15.0] * 3) and list(model["y"]) == pytest.approx([12.0] * 3)  # ms
+    assert model["line"]["dash"] == "dot" and panel.y_title == "ms"
+
+
+def test_the_control_panel_sets_the_network_before_a_run():
+    panel = ddlkit.ControlPanel(RunConfig(network={"latency_ms": 1.0, "bandwidth_gbps": 2.0}))
+    assert panel.network.value == {"latency_ms": 1.0, "bandwidth_gbps": 2.0}  # the config's own, in the menu
+    assert [label for label, _ in panel.network.options][:2] == ["loopback", "nvlink"]
+    panel.network.value = "wan"
+    assert panel.config().network == "wan" and panel.check() is None

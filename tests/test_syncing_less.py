@@ -51,10 +51,13 @@ def test_fp16_compression_stays_within_fp16_rounding_of_plain_all_reduce(runs_di
     assert _bytes_per_step(half) == gradient_bytes // 2  # what is really sent: half the bytes
 
 
-@pytest.mark.parametrize("kind, smaller_by", [("topk", 20), ("powersgd", 5)])
+@pytest.mark.parametrize("kind, smaller_by", [("topk", 40), ("powersgd", 40)])
 def test_compressed_hooks_send_fewer_bytes(runs_dir, kind, smaller_by):
-    run = _train(runs_dir, strategy="data", world_size=2, batch_size=16, steps=6, compression=kind, topk_ratio=0.01)
-    plain = _train(runs_dir, strategy="data", world_size=2, batch_size=16, steps=6)
+    """hidden=512: 1.2 MB of gradients, more than DDP's 1 MB first bucket (PowerSGD with two buckets
+    deadlocked or mismatched its all-reduces on gloo: ddlkit keeps it to one)."""
+    common = dict(strategy="data", world_size=2, batch_size=16, steps=6, hidden=512)
+    run = _train(runs_dir, **common, compression=kind, topk_ratio=0.01)
+    plain = _train(runs_dir, **common)
     last = {r: r.metrics[r.metrics["step"] == 5]["comm_bytes"].iloc[0] for r in (run, plain)}
     assert last[plain] > smaller_by * last[run] > 0  # (PowerSGD's first two steps are plain all-reduces)
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..network import Link, op_seconds, wire_bytes
+from .comm import nbytes
 
 BACKEND = "emulated"
 
@@ -79,14 +80,6 @@ def unmetered() -> Iterator[None]:
         _local.unmetered = False
 
 
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
-
-
 # Each ProcessGroup method that communicates: (kind of algorithm, index of the argument holding this rank's payload).
 _OPS = {
     "allreduce": ("allreduce", 0),
@@ -120,7 +113,7 @@ _OPS = {
 def _forwarding(name: str, kind: str, payload_at: int) -> Callable[..., Any]:
     def method(self: EmulatedGroup, *args: Any, **kwargs: Any) -> Any:
         given = [*args, *kwargs.values()]  # torch passes some by keyword (barrier(opts=...))
-        NETWORK.charge(kind, _nbytes(given[payload_at]) if 0 <= payload_at < len(given) else 0, self.inner.size())
+        NETWORK.charge(kind, nbytes(given[payload_at]) if 0 <= payload_at < len(given) else 0, self.inner.size())
         return getattr(self.inner, name)(*args, **kwargs)
 
     method.__name__ = name
@@ -157,9 +150,16 @@ for _name, (_kind, _at) in _OPS.items():
     setattr(EmulatedGroup, _name, _forwarding(_name, _kind, _at))
 
 
+GLOO_THREADS = 8  # torch's PowerSGD hook blocks one gloo thread per bucket in a callback: gloo's default 2 deadlocked
+
+
 def _create(options: Any, backend_options: Any) -> EmulatedGroup:
     """The backend's factory (torch's ``extended_api``): a gloo group inside ours."""
-    gloo = dist.ProcessGroupGloo(options.store, options.group_rank, options.group_size, timeout=options.timeout)
+    gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # torch's, not in its stubs
+    gloo_options._timeout = options.timeout
+    gloo_options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    setattr(gloo_options, "_threads", GLOO_THREADS)  # noqa: B010 (torch's option; ddlkit has a private `_threads`)
+    gloo = dist.ProcessGroupGloo(options.store, options.group_rank, options.group_size, gloo_options)
     inner = dist.ProcessGroup(options.store, options.group_rank, options.group_size)
     inner._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, gloo)
     inner._set_default_backend(dist.ProcessGroup.BackendType.GLOO)

@@ -35,6 +35,7 @@ from ..config import RunConfig
 from ..controls import Controls
 from ..data import Dataset, ShardedStream
 from ..events import Event
+from ..models import loss_fn
 from ..network import link_of
 from .emulated import NETWORK
 from .evaluate import HeldOut, due
@@ -164,6 +165,18 @@ class Strategy(Protocol):
     def on_knobs(self, changed: dict[str, Any]) -> None:
         """Live knobs changed (already set on ``cfg``): act on them if reading ``cfg`` later is not enough."""
         return None
+
+
+def local_step(
+    model: torch.nn.Module, task: str, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Forward, backward and an optimizer step on this rank's model (whatever communication its
+    wrapping does inside); returns the loss, detached."""
+    loss = loss_fn(task, model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def make_optimizer(cfg: RunConfig) -> OptimizerFactory:

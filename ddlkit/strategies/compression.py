@@ -28,6 +28,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from ..knobs import Knob, Widget, choice, flag, integer, is_number
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd", "topk")
+# torch's PowerSGD hook starts its next all-reduces from the callbacks of the previous ones. With several DDP
+# buckets those callbacks run on different gloo threads, and the ranks then start the buckets' all-reduces in
+# different orders: measured here, a deadlock with gloo's 2 threads and "collective mismatch" with 8. So a
+# PowerSGD run keeps its gradients in one bucket (DDP's first bucket is otherwise capped at 1 MB).
+ONE_BUCKET_MB = 1024
 
 KNOBS = (
     choice(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from ..config import RunConfig
@@ -52,6 +53,8 @@ class DataParallel(Strategy):
     ):
         self.accelerator = accelerator
         self.task = task
+        if cfg.compression == "powersgd":  # one bucket: see compression.ONE_BUCKET
+            accelerator.ddp_handler = DistributedDataParallelKwargs(bucket_cap_mb=compression.ONE_BUCKET_MB)
         self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
         self.dp_rank, self.dp_size = accelerator.process_index, accelerator.num_processes
         self.micro_steps = cfg.grad_accumulation  # 1 for "single": its knobs stay at their defaults

@@ -22,8 +22,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..config import RunConfig
 from ..knobs import Knob, Widget, choice, integer, is_number, number
-from ..models import loss_fn
-from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
+from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy, local_step
 from ..registry import StrategySpec, register
 
 OUTER = ("average", "nesterov")
@@ -45,14 +44,11 @@ class LocalSGD(Strategy):
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         start = time.perf_counter()
-        loss = loss_fn(self.task, self.model(inputs), targets)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = local_step(self.model, self.task, self.optimizer, inputs, targets)
         self.local_steps += 1
         comm_s = self.sync() if self.local_steps >= self.cfg.sync_every else 0.0
         elapsed = time.perf_counter() - start
-        return StepStats(loss.detach(), compute_s=max(elapsed - comm_s, 0.0), comm_s=comm_s)
+        return StepStats(loss, compute_s=max(elapsed - comm_s, 0.0), comm_s=comm_s)
 
     def sync(self) -> float:
         """All-reduce the parameters and take the outer step; returns the seconds spent communicating."""

@@ -58,7 +58,8 @@ class ControlPanel:
         self.slow_rank, self.slowdown = self._straggler_row()
         self.network = self.fields["network"] = fields.network_menu(self.base.network)  # sent live during a run
         self.hints["network"] = fields.NETWORK
-        self.network.observe(lambda _: (self._validate(), self._send_knob("network")), "value")
+        self.network.observe(lambda _: self._validate(), "value")
+        self.network.observe(lambda _: self._send_knob("network"), "value")
         self.dashboard_box = widgets.Box()
         for name, hint in fields.COMMON.items():
             self._add_field(name, hint)
@@ -103,7 +104,6 @@ class ControlPanel:
         for name in ("run", "pause", "stop"):
             getattr(self, f"{name}_button").add_class(f"ddlkit-{name}")
         self.status.add_class("ddlkit-status")
-        self.network.add_class("ddlkit-network")
         self.dashboard_box.add_class("ddlkit-dashboard")
         self.error.add_class("ddlkit-error")
 

@@ -123,12 +123,15 @@ def predict(
     calibration: Calibration | None = None,
     batch: str = "global",
     cluster: str | None = None,
+    emulated: bool | None = None,
 ) -> pd.DataFrame:
     """Step time (and its parts), samples/s, speed-up and efficiency of ``cfg``
     at each world size; see ``ddlkit.scaling.predict``. ``batch="global"``
     keeps ``cfg``'s global batch (``batch_size`` times its replicas), split;
-    "per_rank" keeps ``batch_size`` a replica. On a ``cluster`` the network is
-    the cluster's (no loopback added)."""
+    "per_rank" keeps ``batch_size`` a replica. ``emulated`` (default: no
+    ``cluster`` given): a run on this machine, so loopback's own time is added
+    to the network's; on a ``cluster``, or with ``emulated=False``, the
+    network is all there is."""
     cal = _need(calibration)
     return scaling.predict(
         cal,
@@ -137,7 +140,7 @@ def predict(
         cfg.batch_size * (registry.get(cfg.strategy).dp_size(cfg) if batch == "global" else 1),
         network,
         batch=batch,
-        emulated=cluster is None,
+        emulated=cluster is None if emulated is None else emulated,
         cluster=_cluster(cluster),
         **knobs_of(cfg),
     )
@@ -150,6 +153,7 @@ def best_world_size(
     max_workers: int = 1024,
     cluster: str | None = None,
     tolerance: float = 0.05,
+    emulated: bool | None = None,
 ) -> int:
     """The smallest power of two up to ``max_workers`` whose predicted throughput is within
     ``tolerance`` of the best: past it, more workers buy (almost) nothing. ``cfg``'s global batch is kept."""
@@ -160,7 +164,7 @@ def best_world_size(
         network,
         max_workers=max_workers,
         tolerance=tolerance,
-        emulated=cluster is None,
+        emulated=cluster is None if emulated is None else emulated,
         cluster=_cluster(cluster),
         **knobs_of(cfg),
     )

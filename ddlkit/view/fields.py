@@ -76,10 +76,12 @@ def network_menu(network: Any) -> widgets.Dropdown:
     options = [(name, name) for name in PRESETS]
     if not isinstance(network, str):
         options.append((name_of(network), network))
-    return widgets.Dropdown(
+    menu = widgets.Dropdown(
         options=options,
         value=network,
         description="network",
         style={"description_width": "initial"},
         layout=widgets.Layout(width="190px"),
     )
+    menu.add_class("ddlkit-network")  # a handle for browser tests and custom CSS
+    return menu
