@@ -94,3 +94,20 @@ def test_one_rank_prediction_matches_the_measured_single_rank_step(calibrated):
     measured = dict(zip(cal.measured["batches"], cal.measured["step_s"], strict=True))[cfg.batch_size]
     predicted = costmodel.predict(cfg.replace(strategy="single", world_size=1), [1], calibration=cal)
     assert predicted["step_s"].iloc[0] == pytest.approx(measured, rel=0.2)
+
+
+def test_a_sweep_table_gets_the_prediction_beside_the_measurement():
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    cfg = ddlkit.RunConfig(strategy="data", world_size=1, batch_size=64, network="1gbe")
+    measured = pd.DataFrame({"world_size": [1, 2], "samples_per_s": [1000.0, 1500.0]})
+    sweep_figure = go.Figure([go.Scatter(x=[1, 2], y=[1, 2], name="ideal", xaxis="x2", yaxis="y2")])
+    table = costmodel.overlay(measured, sweep_figure, cfg, MACHINE, "global")
+    predicted = scaling.predict(MACHINE, "data", [1, 2], 64, "1gbe")
+    assert table["predicted_samples_per_s"].tolist() == pytest.approx(predicted["samples_per_s"].tolist())
+    assert table["error_ratio"].tolist() == pytest.approx(
+        (measured["samples_per_s"] / predicted["samples_per_s"]).tolist()
+    )
+    curve = sweep_figure.data[-1]
+    assert curve.name == "predicted (cost model)" and curve.xaxis == "x2" and curve.line.dash == "dash"

@@ -95,8 +95,8 @@ def topk_hook(state: TopK, bucket: dist.GradBucket) -> torch.futures.Future[torc
         wanted[index] = 0.0
         state.residuals[bucket.index()] = wanted  # what was not sent waits for the next step
     all_values, all_index = values.new_empty(n * k), torch.empty(n * k, dtype=torch.int32, device=grad.device)
-    dist.all_gather_into_tensor(all_values, values)
-    dist.all_gather_into_tensor(all_index, index.to(torch.int32))
+    dist.all_gather_single(all_values, values)
+    dist.all_gather_single(all_index, index.to(torch.int32))
     total = torch.zeros_like(grad).index_add_(0, all_index.long(), all_values)
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(total.div_(n))
