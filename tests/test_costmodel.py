@@ -111,3 +111,15 @@ def test_a_sweep_table_gets_the_prediction_beside_the_measurement():
     )
     curve = sweep_figure.data[-1]
     assert curve.name == "predicted (cost model)" and curve.xaxis == "x2" and curve.line.dash == "dash"
+
+
+def test_the_predicted_curves_figure():
+    """As looked at in headless Chromium: ideal dotted grey, one line per prediction, log-log axes."""
+    sizes = [1, 2, 4, 8, 16]
+    curves = {"1gbe": scaling.predict(MACHINE, "data", sizes, 64, "1gbe", emulated=False)}
+    curves["10gbe cluster"] = scaling.predict(MACHINE, "data", sizes, 64, cluster="10gbe", emulated=False)
+    fig = costmodel.figure(curves)
+    assert [t.name for t in fig.data] == ["ideal", "1gbe", "10gbe cluster"]
+    assert fig.data[0].line.dash == "dot" and list(fig.data[0].y) == sizes
+    assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log"
+    assert fig.layout.xaxis.title.text == "workers" and fig.layout.yaxis.title.text == "speed-up"
