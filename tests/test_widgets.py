@@ -114,7 +114,11 @@ def test_changing_the_world_size_during_a_run_relaunches_it_in_the_new_layout(ru
     panel = ControlPanel(
         RunConfig(strategy="data", world_size=2, steps=400, batch_size=8, device="cpu", run_dir=runs_dir)
     )
-    (checkpoints,) = panel.knob_box.children
+    checkpoints = panel.fields["checkpoint_every"]
+    assert [w.description for w in panel.knob_box.children] == [
+        "compression", "PowerSGD rank", "top-k ratio", "error feedback", "grad accumulation",
+        "checkpoint every (0: off)",
+    ]  # fmt: skip
     assert panel.config().checkpoint_every is None  # 0 in the widget: off
     run = panel.start()
     wait_until(lambda: run.steps_done > 20, 60, "steps")
