@@ -16,7 +16,7 @@ from typing import Any
 from .config import RunConfig
 from .kernel.launch import launch
 from .kernel.records import load_run
-from .kernel.run import Result, Run, RunFailed
+from .kernel.run import Result, Run, RunFailed, RunInterrupted
 from .rank.reporter import log
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "log",
     "Run",
     "RunFailed",
+    "RunInterrupted",
     "Result",
     "load_run",
     "Dashboard",

@@ -56,6 +56,23 @@ def name_of(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder's name says (None: not a finished checkpoint's name).
+
+    >>> step_of(Path("step-1000010")), step_of(Path("step-000040.tmp"))
+    (1000010, None)
+    """
+    digits = path.name.removeprefix("step-")
+    return int(digits) if path.name.startswith("step-") and digits.isdigit() else None
+
+
+def finished(root: Path) -> list[Path]:
+    """The finished checkpoint folders, newest step first. By the number: past
+    step 999,999 the names grow a digit and no longer sort as strings."""
+    named = [(step, path) for path in root.glob("step-*") if (step := step_of(path)) is not None]
+    return [path for _, path in sorted(named, reverse=True)]
+
+
 @dataclass
 class Found:
     """The newest valid checkpoint, and the newer ones skipped (with why)."""
@@ -85,15 +102,25 @@ def save(
     final = root / name_of(step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt that died while writing
+        if not root.parent.is_dir():  # a run folder that was removed is not made again
+            raise FileNotFoundError(f"{root.parent} is gone: no checkpoint is written there")
         make_dir(tmp, exist_ok=False)
     if sharded and barrier is not None:
         barrier()  # the folder exists before anyone writes into it
-    for name, obj in files.items():
-        write_synced(tmp / name, partial(_save, obj))
-    if sharded and barrier is not None:
-        barrier()  # every shard is on disk before the manifest vouches for it
-    if rank != 0:
-        return None
+    try:
+        for name, obj in files.items():
+            write_synced(tmp / name, partial(_save, obj))
+        if sharded and barrier is not None:
+            barrier()  # every shard is on disk before the manifest vouches for it
+        return _finish(root, tmp, final, step, sharded, meta, keep) if rank == 0 else None
+    except BaseException:  # disk full, folder removed: no half-written checkpoint stays behind
+        if rank == 0:  # its creator (a shard writer that fails ends the run; the kernel then removes it)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, sharded: bool, meta: dict[str, Any], keep: int) -> Path:
+    """Rank 0: the manifest last, then the rename that makes the checkpoint exist."""
     entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     manifest = {"step": step, "layout": "sharded" if sharded else "consolidated", "files": entries, **meta}
     with open_private(tmp / MANIFEST, "w") as f:
@@ -108,10 +135,15 @@ def save(
     return final
 
 
-def latest(root: Path) -> Found | None:
-    """The newest checkpoint whose manifest and files check out, or None."""
+def latest(root: Path, at_most: int | None = None, why: str = "") -> Found | None:
+    """The newest checkpoint whose manifest and files check out, or None.
+    ``at_most``: only a checkpoint of that step or earlier (``why`` says why, for the skipped list)."""
     skipped: list[str] = []
-    for path in sorted(root.glob("step-*[0-9]"), reverse=True):
+    for path in finished(root):
+        step = step_of(path)
+        if at_most is not None and step is not None and step > at_most:
+            skipped.append(f"checkpoint {path.name} is not used: {why or f'newer than step {at_most}'}")
+            continue
         problem = verify(path)
         if problem is None:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -173,10 +205,18 @@ def _sha256(path: Path) -> str:
 
 
 def _prune(root: Path, keep: int) -> None:
-    for old in sorted(root.glob("step-*[0-9]"), reverse=True)[keep:]:
+    for old in finished(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    for unfinished in root.glob("step-*.tmp"):  # older attempts' half-written ones
-        shutil.rmtree(unfinished, ignore_errors=True)
+    remove_unfinished(root)  # older attempts' half-written ones
+
+
+def remove_unfinished(root: Path) -> list[Path]:
+    """Remove the half-written checkpoints (``step-N.tmp``) of writers that
+    died; call it only when no rank is writing. Returns what it removed."""
+    unfinished = sorted(root.glob("step-*.tmp"))
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    return unfinished
 
 
 class Checkpointable(Protocol):

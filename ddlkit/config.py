@@ -1,7 +1,6 @@
 """RunConfig: one experiment, validated before any process starts, serialisable.
 
-The same config travels to every worker (as JSON), to the CLI (YAML or JSON)
-and into ``runs/<id>/config.json``, so a run can always be reproduced.
+The same config travels to every worker (as JSON), to the CLI (YAML or JSON) and into ``runs/<id>/config.json``.
 
 The fields below are common to every strategy. A strategy's own fields (the
 parameter server's ``sync``, the pipeline's ``micro_batches``, ...) are knobs
@@ -16,31 +15,20 @@ import difflib
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import registry
-from .knobs import (
-    check_faults,
-    check_stragglers,
-    choice_problem,
-    is_int,
-    non_negative_int,
-    optional,
-    positive_int,
-    positive_number,
-    problem,
-    require,
-)
-from .network import problem as network_problem
+from . import limits, network, registry
+from .common import COMMON, DATASETS, DEVICES, MODELS, OPTIMIZERS
+from .files import write_atomic
+from .knobs import check_faults, check_stragglers, require
 
-MODELS = ("mlp", "cnn", "lm")
-DATASETS = ("digits", "synthetic", "regression", "sonnets")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["RunConfig", "MODELS", "DATASETS", "OPTIMIZERS", "DEVICES", "COMPATIBLE", "unknown_fields"]
+
 # Which model can learn which dataset: cnn needs images, lm needs text.
 COMPATIBLE = {"mlp": ("digits", "synthetic", "regression"), "cnn": ("digits",), "lm": ("sonnets",)}
 PLUGINS = "plugins"  # the key naming the modules of strategies from outside ddlkit, in a config file
@@ -48,63 +36,73 @@ PLUGINS = "plugins"  # the key naming the modules of strategies from outside ddl
 
 @dataclass(init=False, eq=False)
 class RunConfig:
-    """One experiment.
+    """One experiment. Every value is checked as it is set (a typo fails at
+    once, with the nearest valid value); :meth:`validate` checks how the fields
+    fit together. Defaults, checks and help: ``ddlkit.common``.
 
     >>> cfg = RunConfig(strategy="ps", world_size=3, sync="bsp", steps=20)
     >>> cfg.validate()
     >>> cfg.sync, RunConfig.from_dict(cfg.to_dict()) == cfg
     ('bsp', True)
+    >>> RunConfig(strategy="pipeline", world_size=4).pp  # one stage per rank
+    4
+    >>> RunConfig(strategy="pipline")
+    Traceback (most recent call last):
+    ...
+    ValueError: strategy='pipline' is invalid: valid values are [...] (did you mean 'pipeline'?)
     """
 
-    strategy: str = "data"
-    world_size: int = 2
-    model: str = "mlp"
-    dataset: str = "digits"
-    steps: int = 200
-    batch_size: int = 32  # per data-parallel replica
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 1
-    run_dir: str = "runs"
+    strategy: str
+    world_size: int
+    model: str
+    dataset: str
+    steps: int
+    batch_size: int  # per data-parallel replica
+    lr: float
+    optimizer: str
+    seed: int
+    device: str
+    log_every: int
+    run_dir: str
     # A rank that makes no step for this many seconds is declared hung (its
     # first step gets at least 60 s: start-up can be slow).
-    hang_timeout: float = 120.0
+    hang_timeout: float
     # Teaching and testing: make one rank fail on purpose, e.g.
     # {"rank": 1, "step": 5, "kind": "exception"}; kind is one of FAULT_KINDS.
     # Optional "attempt" (default 0): the fault fires only in that attempt, so a
     # restarted run does not fail again at the same step. A list of such dicts
     # injects several faults (e.g. one per attempt).
-    fault: dict[str, Any] | list[dict[str, Any]] | None = None
+    fault: dict[str, Any] | list[dict[str, Any]] | None
     # Fault tolerance (ddlkit.checkpoint, ddlkit.kernel.resume): save the
     # training state every `checkpoint_every` steps (None: never), keep the
     # newest `keep_checkpoints`; restart all ranks from the newest checkpoint up
     # to `max_restarts` times when one dies or hangs.
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
-    max_restarts: int = 0
+    checkpoint_every: int | None
+    keep_checkpoints: int
+    max_restarts: int
     # Model size knobs, read by ddlkit.models.
-    hidden: int = 128
-    seq_len: int = 32
+    hidden: int
+    seq_len: int
     # Threads per rank (torch intra-op); None: the cores divided by the ranks.
-    threads: int | None = None
+    threads: int | None
     # Stragglers (every strategy): slow chosen ranks by a factor, e.g. {1: 3.0}
     # (live: run.control(slowdown=...)); add fixed seconds per step to chosen
     # ranks, e.g. {2: 0.3} (a scripted schedule); add a random exponential
     # delay of this mean to every rank's steps (seeded by seed and rank).
-    slowdown: dict[int, float] | None = None
-    delay_s: dict[int, float] | None = None
-    delay_jitter_s: float = 0.0
+    slowdown: dict[int, float] | None
+    delay_s: dict[int, float] | None
+    delay_jitter_s: float
+    # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
+    oversubscribe: bool
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
     # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
-    eval_every: int | None = None
-    # Between the ranks (ddlkit.network): "loopback", a preset or {"latency_ms": ..., "bandwidth_gbps": ...}; each
-    # collective and message takes the alpha-beta model's time on top of loopback's. Live: run.control(network=...).
-    network: str | dict[str, float] = "loopback"
+    eval_every: int | None
+    network: str | dict[str, float]  # between the ranks: ddlkit.network (live: run.control(network=...))
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})
+        for knob in COMMON.values():
+            object.__setattr__(self, knob.name, knob.default)
         for name, value in values.items():
             setattr(self, name, value)
 
@@ -112,19 +110,32 @@ class RunConfig:
         if name in ("slowdown", "delay_s") and isinstance(value, dict):
             # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
             value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
-        if name in _COMMON:
+        if name == "run_dir" and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a pathlib.Path is welcome; the config keeps plain, serialisable values
+        if name in COMMON:
+            require(COMMON[name].problem(value))
             object.__setattr__(self, name, value)
-        elif registry.knob(name) is not None:
+        elif (knob := registry.knob(name)) is not None:
+            require(knob.problem(value))
             self.knobs[name] = value
         else:
             raise ValueError(unknown_fields([name]))
 
     def __getattr__(self, name: str) -> Any:
-        # Only called for names that are not common fields: a strategy's knob.
+        # Only called for names that are not common fields: a strategy's knob,
+        # as set, else as the strategy derives it (pipeline: pp = world_size), else its default.
         knob = registry.knob(name) if not name.startswith("__") else None
         if knob is None:
             raise AttributeError(f"RunConfig has no field {name!r}")
-        return self.__dict__["knobs"].get(name, knob.default)
+        if name in self.__dict__["knobs"]:
+            return self.__dict__["knobs"][name]
+        return self.derived().get(name, knob.default)
+
+    def derived(self) -> dict[str, Any]:
+        """The knobs the strategy derives from the other fields (pipeline: pp = world_size), unless set."""
+        spec = _spec_or_none(self.strategy)
+        derived = spec.derived(self) if spec is not None else {}
+        return {name: value for name, value in derived.items() if name not in self.knobs}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
@@ -135,31 +146,19 @@ class RunConfig:
     # ---- validation -------------------------------------------------------
     def validate(self) -> None:
         """Raise one ValueError naming the field, the value and what is valid."""
-        for name, options in (("model", MODELS), ("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("device", DEVICES)):
-            require(choice_problem(name, getattr(self, name), options))
+        for knob in COMMON.values():  # again: a field may have been changed behind __setattr__'s back
+            require(knob.problem(getattr(self, knob.name)))
         spec = registry.get(self.strategy)
-        for name in ("world_size", "steps", "batch_size", "log_every", "hidden", "seq_len", "keep_checkpoints"):
-            require(problem(name, getattr(self, name), positive_int, "a positive integer"))
-        require(problem("threads", self.threads, optional(positive_int), "a positive integer (or None: cores / ranks)"))
-        for name in ("checkpoint_every", "eval_every"):
-            require(problem(name, getattr(self, name), optional(positive_int), "a positive integer (or None)"))
-        require(
-            problem(
-                "max_restarts", self.max_restarts, non_negative_int, "an integer >= 0 (0: a failed rank fails the run)"
-            )
-        )
-        for name in ("lr", "hang_timeout"):
-            require(problem(name, getattr(self, name), positive_number, "a positive number"))
-        require(problem("seed", self.seed, is_int, "an integer"))
         if self.dataset not in COMPATIBLE[self.model]:
             raise ValueError(
                 f"model={self.model!r} cannot train on dataset={self.dataset!r}: "
                 f"valid datasets for {self.model!r} are {list(COMPATIBLE[self.model])}"
             )
-        self._validate_device(spec)
+        limits.check_device(self.device, self.resolved_device(), self.world_size, self.strategy, spec.cpu_only)
+        limits.check_ranks(self.world_size, self.resolved_device(), self.oversubscribe, self.threads)
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
-        require(network_problem(self.network, self.resolved_device() if self.network != "loopback" else "cpu"))
+        require(network.problem(self.network, self.resolved_device()))
         self._validate_knobs(spec)
         if self.checkpoint_every is not None and spec.checkpoint is None:
             able = [name for name in registry.names() if registry.get(name).checkpoint]
@@ -169,6 +168,7 @@ class RunConfig:
                 "use checkpoint_every=None (restarts then begin again at step 0)"
             )
         spec.layout(self)
+        limits.check_batch(self.batch_size, spec.dp_size(self), self.dataset, self.seq_len)
 
     def _validate_knobs(self, spec: registry.StrategySpec) -> None:
         """Every knob set must be valid, and read by the chosen strategy unless left at its default."""
@@ -182,25 +182,6 @@ class RunConfig:
                     f"{name}={value!r} is invalid for strategy={self.strategy!r}: it is read by "
                     f"{registry.readers(name)}; leave it at {knob.default!r} or pick one of those"
                 )
-
-    def _validate_device(self, spec: registry.StrategySpec) -> None:
-        if self.device == "cpu":
-            return
-        import torch  # deferred: config stays cheap to import
-
-        gpus = torch.cuda.device_count()
-        if self.device == "cuda" and gpus == 0:
-            raise ValueError("device='cuda' is invalid: no CUDA device is visible; valid here: 'cpu' or 'auto'")
-        if self.resolved_device() == "cuda" and spec.cpu_only:
-            raise ValueError(
-                f"strategy={self.strategy!r} is invalid on device='cuda': it runs on CPU processes "
-                "(any-source recv, shared memory); valid: device='cpu'"
-            )
-        if self.resolved_device() == "cuda" and self.world_size > gpus:
-            raise ValueError(
-                f"world_size={self.world_size} is invalid on device={self.device!r}: "
-                f"only {gpus} GPU(s) are visible; valid: 1..{gpus}, or device='cpu'"
-            )
 
     def resolved_device(self) -> str:
         """'cpu' or 'cuda': what 'auto' means on this machine."""
@@ -219,8 +200,10 @@ class RunConfig:
         """Common fields, then the knobs of the strategy (and any set explicitly)."""
         data = {name: getattr(self, name) for name in _COMMON}
         spec = _spec_or_none(self.strategy)
+        derived = self.derived()  # not written: they follow the fields they derive from
         for knob in spec.knobs if spec else ():
-            data[knob.name] = getattr(self, knob.name)
+            if knob.name not in derived:
+                data[knob.name] = getattr(self, knob.name)
         data.update(self.knobs)
         if spec is not None and not registry.is_built_in(spec):
             data[PLUGINS] = [spec.module]
@@ -239,16 +222,16 @@ class RunConfig:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as YAML (.yaml/.yml) or JSON (anything else)."""
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        else:
-            path.write_text(json.dumps(self.to_dict(), indent=2))
+        data = self.to_dict()
+        yaml_file = path.suffix in (".yaml", ".yml")
+        text = yaml.dump(data, Dumper=YamlDumper, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
+        write_atomic(path, lambda f: f.write(text.encode()))  # whole or absent, even on a full disk
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunConfig:
         """Read a YAML or JSON file written by :meth:`save` (or by hand)."""
         path = Path(path)
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.load(path.read_text(), YamlLoader)
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a mapping of config fields")
         return cls.from_dict(data)
@@ -262,10 +245,11 @@ class RunConfig:
         return copy
 
     def for_strategy(self, strategy: str) -> RunConfig:
-        """A copy for ``strategy`` that keeps only the knobs that strategy reads."""
+        """A copy for ``strategy`` that keeps only the knobs that strategy reads
+        and does not derive (a pipeline's pp follows its world_size)."""
         copy = self.replace(strategy=strategy)
         spec = _spec_or_none(strategy)
-        readable = {knob.name for knob in spec.knobs} if spec else set()
+        readable = {knob.name for knob in spec.knobs} - set(spec.derived(copy)) if spec else set()
         for name in [name for name in copy.knobs if name not in readable]:
             del copy.knobs[name]
         return copy
@@ -274,6 +258,22 @@ class RunConfig:
 
 
 _COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "knobs")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as people write it: ``1e-5`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """Quotes what :class:`YamlLoader` would not read back as the same string (``"1e-5"``)."""
+
+
+for _yaml in (YamlLoader, YamlDumper):
+    _yaml.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
+        list("-+0123456789."),
+    )
 
 
 def unknown_fields(names: list[str]) -> str:

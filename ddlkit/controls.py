@@ -34,6 +34,8 @@ CONTROLS = {
     "lr": (positive_number, "a positive number"),
     "paused": (lambda v: isinstance(v, bool), "True or False"),
     "stop": (lambda v: v is True, "True"),
+    # With stop: the ranks checkpoint the step they stop at (a relaunch goes on from it).
+    "save": (lambda v: v is True, "True (with stop=True: checkpoint the step the ranks stop at)"),
     "slowdown": (
         lambda v: isinstance(v, dict) and all(isinstance(r, int) and is_number(f) and f >= 1 for r, f in v.items()),
         "a dict {rank: factor >= 1}, e.g. {1: 3.0} makes rank 1 three times slower",
@@ -86,6 +88,7 @@ class Controls:
     lr: float | None = None
     paused: bool = False
     stop: bool = False
+    save: bool = False  # at the stop, checkpoint the step
     slowdown: dict[int, float] = field(default_factory=dict)
     network: Any = None  # None: as the config says
     knobs: dict[str, Any] = field(default_factory=dict)  # the strategy's live knobs changed so far

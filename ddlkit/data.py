@@ -68,6 +68,26 @@ def load_dataset(name: str, seed: int = 0, seq_len: int = 32) -> Dataset:
     raise ValueError(f"dataset={name!r} is invalid: valid values are ['digits', 'synthetic', 'regression', 'sonnets']")
 
 
+# Samples of each built-in dataset (a test checks them against load_dataset); sonnets depends on seq_len.
+SIZES = {"digits": 1797, "synthetic": 2048, "regression": 2048}
+
+
+def dataset_size(name: str, seq_len: int = 32) -> int:
+    """How many samples ``load_dataset(name, seq_len=seq_len)`` has, without building it.
+
+    >>> dataset_size("digits"), dataset_size("sonnets", seq_len=32) == len(load_dataset("sonnets", seq_len=32))
+    (1797, True)
+    """
+    if name == "sonnets":  # every window of seq_len + 1 characters
+        return len(_sonnet_text()) - seq_len
+    return SIZES[name]
+
+
+@lru_cache(maxsize=1)
+def _sonnet_text() -> str:
+    return (ASSETS / "sonnets.txt").read_text()
+
+
 def held_out_split(dataset: Dataset, seed: int = 0, fraction: float = HELD_OUT) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the training samples and of the held-out ones, a pure function
     of the dataset and the seed: every rank and every strategy trains on the same
@@ -109,7 +129,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=1)
 def _sonnet_ids() -> tuple[torch.Tensor, str]:
-    text = (ASSETS / "sonnets.txt").read_text()
+    text = _sonnet_text()
     vocab = "".join(sorted(set(text)))
     lookup = {ch: i for i, ch in enumerate(vocab)}
     return torch.tensor([lookup[ch] for ch in text], dtype=torch.long), vocab

@@ -84,6 +84,7 @@ class ControlRequest(Event):
     lr: NotRequired[float]
     paused: NotRequired[bool]
     stop: NotRequired[bool]
+    save: NotRequired[bool]
     slowdown: NotRequired[dict[str, float]]
     network: NotRequired[Any]  # a preset name or {"latency_ms": ..., "bandwidth_gbps": ...}
     knobs: NotRequired[dict[str, Any]]  # a strategy's live knobs, by name
@@ -132,6 +133,8 @@ class Finished(Event):
 
 class Beat(Event):
     step: int
+    started: NotRequired[bool]  # past start-up: in the rank loop (the hang timeout applies from here)
+    waiting: NotRequired[bool]  # its main thread is in communication (waiting for peers), not in its own code
 
 
 class Eval(Event):

@@ -80,19 +80,26 @@ def check_own_dir(path: Path) -> Path:
     return path
 
 
-def open_private(path: Path, mode: str = "wb") -> IO[Any]:
-    """Open a file to write (``mode``: w, wb, a or ab) with the run file mode (a
-    log appended to keeps its own). A symlink in its place is refused, never followed."""
+def open_private_fd(path: Path, mode: str = "wb") -> int:
+    """A descriptor to write ``path`` (``mode``: w, wb, a or ab; a+ also reads)
+    with the run file mode (a log appended to keeps its own). A symlink in its
+    place is refused, never followed."""
     _, file_mode = run_modes()
-    flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    access = os.O_RDWR if "+" in mode else os.O_WRONLY
+    flags = access | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, file_mode & 0o600)
     except FileExistsError:
         fd = os.open(path, flags)
         if "a" in mode:  # a log that is there keeps its mode; a file written anew gets ours
-            return os.fdopen(fd, mode)
+            return fd
     os.fchmod(fd, file_mode)
-    return os.fdopen(fd, mode)
+    return fd
+
+
+def open_private(path: Path, mode: str = "wb") -> IO[Any]:
+    """``open_private_fd`` as a file object."""
+    return os.fdopen(open_private_fd(path, mode), mode)
 
 
 def set_file_mode(path: Path) -> None:
@@ -120,7 +127,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 def save_torch(obj: Any, path: Path) -> None:
     """Tensors and containers, atomically (load with ``weights_only=True``)."""
-    import torch  # here: the kernel's side imports this module long before it needs torch
+    import torch  # deferred: config (which writes through this module) stays cheap to import
 
     write_atomic(path, lambda f: torch.save(obj, f))
 

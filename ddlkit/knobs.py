@@ -50,7 +50,10 @@ class Knob:
     live: bool = False  # may change while the run goes on (``Run.control``), applied at a step all ranks agree on
 
     def problem(self, value: Any) -> str | None:
-        """The error message for ``value``, or None if it is valid."""
+        """The error message for ``value``, or None if it is valid (for a
+        choice: with the nearest option, when the value looks like a typo)."""
+        if self.widget is not None and self.widget.kind == "choice" and self.widget.options:
+            return choice_problem(self.name, value, self.widget.options)
         return problem(self.name, value, self.check, self.valid)
 
 
@@ -107,6 +110,11 @@ def positive_int(value: Any) -> bool:
     return is_int(value) and value >= 1
 
 
+def within(low: int, high: int) -> Callable[[Any], bool]:
+    """An integer low..high (both included)."""
+    return lambda value: is_int(value) and low <= value <= high
+
+
 def non_negative_int(value: Any) -> bool:
     return is_int(value) and value >= 0
 
@@ -146,7 +154,7 @@ def choice_problem(name: str, value: Any, options: Sequence[Any]) -> str | None:
     return message + (f" (did you mean {near[0]!r}?)" if near else "")
 
 
-FAULT_KINDS = ("exception", "exit", "sigkill", "hang")
+FAULT_KINDS = ("exception", "exit", "sigkill", "sigstop", "hang")
 
 
 def check_faults(faults: list[Any], world_size: int, steps: int, max_restarts: int) -> None:

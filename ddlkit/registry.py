@@ -43,6 +43,11 @@ def _every_rank(cfg: Any) -> int:
     return int(cfg.world_size)
 
 
+def _nothing_derived(cfg: Any) -> dict[str, Any]:
+    """The default: no knob follows from the other fields."""
+    return {}
+
+
 def _rank_zero(cfg: Any) -> int:
     return 0
 
@@ -65,8 +70,13 @@ class StrategySpec:
     - ``layout(cfg)``: raise one ValueError for a layout that cannot work.
     - ``dp_size(cfg)``: how many data-parallel replicas; the global batch is
       ``batch_size * dp_size(cfg)`` (kept when a run is relaunched in a new layout).
+    - ``derived(cfg)``: knobs that follow from the other fields unless set
+      (a pipeline's ``pp`` is its ``world_size``); the panel hides them.
     - ``checkpoint``: None (no checkpoints), "consolidated" (rank 0 saves the
       whole state; any layout resumes) or "sharded" (every rank its own part).
+    - ``portable``: the checkpoint is the whole model and optimizer state under
+      single-process names (``ddlkit.strategies.state``), so a run can be
+      relaunched between any two portable strategies.
     - ``lockstep``: ranks step together, so live changes are agreed by a collective.
     - ``cpu_only``: it needs CPU processes (any-source receives, shared memory).
     - ``position``: where menus list it (lower first).
@@ -82,7 +92,9 @@ class StrategySpec:
     knobs: tuple[Knob, ...] = ()
     layout: Callable[[Any], None] = _any_layout
     dp_size: Callable[[Any], int] = _every_rank
+    derived: Callable[[Any], dict[str, Any]] = _nothing_derived
     checkpoint: str | None = None
+    portable: bool = False
     lockstep: bool = True
     cpu_only: bool = False
     position: int = 100

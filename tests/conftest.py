@@ -87,3 +87,16 @@ def assert_nothing_left(run_path) -> None:
         assert in_process_group(pid) == [], f"processes left in worker group {pid}"
     for port in meta["ports"]:
         assert port_is_free(port)
+
+
+def remove_folder(path) -> None:
+    """``rm -rf path``, repeated while the ranks still write into it: one pass
+    can leave the folder behind when a rank creates a file in it meanwhile."""
+    import shutil
+
+    for _ in range(100):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} could not be removed")

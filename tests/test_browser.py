@@ -1,8 +1,12 @@
 """The quickstart in a real browser: JupyterLab on 127.0.0.1 with a random
 token, headless Debian Chromium driven by Playwright, run all cells, press Run
 in the panel, see both ranks draw, move the lr slider, see the change marked on
-the loss curve; no console errors; server and browser ended by their pids and
-nothing left behind.
+the loss curve, change the world size 2 -> 1 on the default panel (no
+checkpoints asked for) and see the same run go on with one rank, with no error
+left on the page; then the pipeline timeline of notebook 02. The figures fill
+the output's width, the checkpoint box is wide enough to read. Screenshots of
+both go to the test's folder (and to $DDLKIT_SHOTS, if set). No console
+errors; server and browser ended by their pids and nothing left behind.
 
 Needs the Debian package `chromium` (install.sh installs it); Playwright's own
 browser download is never used.
@@ -46,6 +50,19 @@ BOTH_RANKS_DRAWN = f"""() => {{
     const drawn = name => plot.data.filter(t => t.name === name && t.x && t.x.length > 5).length > 0;
     return drawn('rank 0') && drawn('rank 1');
 }}"""
+# The world size went 2 -> 1: the panel shows the new layout's batch (the global batch kept: 1 x 64),
+# rank 1's curve stops where the old layout stopped, and rank 0 draws steps past it.
+ONE_RANK_GOES_ON = f"""() => {{
+    const plot = {PANEL_PLOT};
+    const batch = document.querySelector('.ddlkit-batch_size input');
+    if (!plot || !plot.data || !batch || batch.value !== '64') return false;
+    const last = name => Math.max(...plot.data.filter(t => t.name === name && t.x).map(t => Math.max(...t.x)));
+    return last('rank 0') > last('rank 1') + 5;
+}}"""
+# Width of every plotly figure's drawing and of the output it is in.
+FIGURE_WIDTHS = """() => [...document.querySelectorAll('.js-plotly-plot')].map(plot => [
+    plot.querySelector('svg.main-svg').getBoundingClientRect().width,
+    plot.closest('.jp-OutputArea-output').getBoundingClientRect().width])"""
 LR_MARKED = f"""() => {{
     const plot = {PANEL_PLOT};
     if (!plot) return false;
@@ -93,13 +110,24 @@ def end(pid: int, grace: float = 10.0) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
+def timeline_notebook(folder: Path) -> None:
+    """Notebook 02's cells up to its pipeline timeline (the rest takes minutes and shows no figure of its own)."""
+    import nbformat
+
+    notebook = nbformat.read(REPO / "notebooks" / "02_model_parallel.ipynb", as_version=4)
+    last = next(i for i, cell in enumerate(notebook.cells) if "timeline.figure(gpipe)" in cell.source)
+    notebook.cells = notebook.cells[: last + 1]
+    nbformat.write(notebook, folder / "02_timeline.ipynb")
+
+
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """JupyterLab serving a copy of the quickstart, isolated settings; yields
-    (url, token, root) and ends the server by its pid."""
+    """JupyterLab serving a copy of the quickstart and of 02's timeline,
+    isolated settings; yields (url, token, root) and ends the server by its pid."""
     root = tmp_path / "root"
     root.mkdir()
     shutil.copy(REPO / "notebooks" / "00_quickstart.ipynb", root)
+    timeline_notebook(root)
     port, token = free_port(), secrets.token_hex(16)
     env = {
         **os.environ,
@@ -152,6 +180,7 @@ def jupyterlab(tmp_path):
         assert port_is_free(port)
 
 
+@pytest.mark.timeout(900)  # ~2 min alone on 2 cores; several times that when the machine is shared
 def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail(
@@ -177,18 +206,14 @@ def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
             page = browser.new_page()
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(f"{url}/lab/tree/00_quickstart.ipynb?reset&token={token}")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-            accept_dialog(page, "Select Kernel")  # JupyterLab may ask which kernel, preselecting Python 3
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
-            page.click("[data-command='runmenu:run-all']")
+            run_all(page, f"{url}/lab/tree/00_quickstart.ipynb?reset&token={token}")
             page.wait_for_selector(
                 ".jp-OutputArea-output:has-text('mean loss over the first 10 steps')", timeout=180_000
             )  # the last cell printed its result
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+            checkpoint_box = page.locator(".ddlkit-checkpoint_every input").bounding_box()
+            assert checkpoint_box is not None and checkpoint_box["width"] >= 60  # its value can be seen and typed
 
             steps = page.locator(".ddlkit-steps input")
             steps.fill("1000000")  # long enough to steer; Stop ends it
@@ -199,15 +224,40 @@ def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
             readout = page.locator(".ddlkit-lr .widget-readout")
             readout.click()
             page.keyboard.press("Control+A")
-            page.keyboard.type("0.01")
+            page.keyboard.type("0.001")
             page.keyboard.press("Enter")
-            page.wait_for_function(LR_MARKED, timeout=30_000)
+            page.wait_for_function(LR_MARKED, timeout=60_000)
+
+            world_size = page.locator(".ddlkit-world_size input")  # a default panel: no checkpoint_every
+            world_size.fill("1")
+            world_size.press("Enter")
+            page.wait_for_function(ONE_RANK_GOES_ON, timeout=120_000)
+            error = page.locator(".ddlkit-error")
+            assert not error.is_visible() and error.inner_text().strip() == ""  # no error text left
+            for drawn, output in page.evaluate(FIGURE_WIDTHS):
+                assert drawn >= 0.95 * output  # every figure fills its output's width
 
             close_news_popup(page)
             page.locator(".ddlkit-dashboard").scroll_into_view_if_needed()
-            page.screenshot(path=str(tmp_path / "dashboard.png"))
+            shoot(page, tmp_path / "quickstart.png")
             page.click("button.ddlkit-stop")
-            page.wait_for_selector(".ddlkit-status:has-text('stopped')", timeout=30_000)
+            # Stop acts in well under a second alone; on 2 cores shared with other runs the kernel's refresh lags.
+            page.wait_for_selector(".ddlkit-status:has-text('stopped')", timeout=90_000)
+            page.wait_for_function(
+                "() => document.querySelector('.ddlkit-dashboard .gtitle').textContent.endsWith('(stopped)')",
+                timeout=10_000,
+            )
+
+            run_all(page, f"{url}/lab/tree/02_timeline.ipynb?reset&token={token}")  # reset: only this tab
+            timeline = page.locator(".jp-RenderedPlotly.js-plotly-plot").last  # a figure output (not a widget)
+            timeline.wait_for(timeout=240_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            rows = [t.text_content() for t in timeline.locator(".yaxislayer-above .ytick text").all()]
+            assert rows == ["stage 0rank 0", "stage 1rank 1"]  # every stage named (two lines each)
+            legend, drawing = timeline.locator(".legend").bounding_box(), timeline.bounding_box()
+            assert legend and drawing and legend["x"] + legend["width"] <= drawing["x"] + drawing["width"]
+            timeline.scroll_into_view_if_needed()
+            shoot(page, tmp_path / "timeline_02.png", timeline)
             assert errors == [], f"browser console errors: {errors}"
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))  # what the page showed, for whoever debugs it
@@ -223,7 +273,26 @@ def test_quickstart_in_a_real_browser(jupyterlab, tmp_path):
     while processes_under(profile) and time.time() < deadline:
         time.sleep(0.1)
     assert processes_under(profile) == [], "chromium processes left"
-    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    for shot in ("quickstart.png", "timeline_02.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000
+
+
+def run_all(page, address: str) -> None:
+    """Open a notebook and run all its cells."""
+    page.goto(address)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+    accept_dialog(page, "Select Kernel")  # JupyterLab may ask which kernel, preselecting Python 3
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+    page.click("[data-command='runmenu:run-all']")
+
+
+def shoot(page, path: Path, element=None) -> None:
+    """A screenshot into the test's folder, copied to $DDLKIT_SHOTS if set (for people to look at)."""
+    (element or page).screenshot(path=str(path))
+    if os.environ.get("DDLKIT_SHOTS"):
+        Path(os.environ["DDLKIT_SHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["DDLKIT_SHOTS"]) / path.name)
 
 
 def accept_dialog(page, title: str) -> None:

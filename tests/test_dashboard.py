@@ -103,11 +103,15 @@ def test_control_markers_sit_on_the_mean_loss_applied_at_their_step(tmp_path):
     events.append({"type": "control", "rank": 0, "time": STARTED + 3.0, "step": 3, "lr": 0.01})
     events.append({"type": "control", "rank": 0, "time": STARTED + 4.0, "step": 4, "paused": True})
     fig = figures.figure(fake_run(tmp_path, events=events))
-    on_steps = traces_by_name(fig, "controls")[0]
-    assert list(on_steps.text) == ["", "lr=0.01", "paused"]  # asked: no label; applied: labelled
-    assert on_steps.hovertext[0] == "asked: lr=0.01" and on_steps.hovertext[1] == "applied: lr=0.01"
-    assert on_steps.x[1] == 3 and on_steps.y[1] == pytest.approx(7.5)  # on the mean loss at step 3
-    assert on_steps.x[0] == pytest.approx(1.9, abs=0.11)  # asked 2.0 s after launch: about step 2
+    asked, applied = traces_by_name(fig, "control asked")[0], traces_by_name(fig, "control applied")[0]
+    assert list(applied.text) == ["lr=0.01", "paused"] and asked.text is None  # asked: no label; applied: labelled
+    assert asked.hovertext == ("asked: lr=0.01",) and applied.hovertext[0] == "applied: lr=0.01"
+    assert applied.x[0] == 3 and applied.y[0] == pytest.approx(7.5)  # on the mean loss at step 3
+    assert asked.x[0] == pytest.approx(1.9, abs=0.11)  # asked 2.0 s after launch: about step 2
+    # The applied marker is drawn after (on top of) the asked one, larger: they may share pixels.
+    order = [t.name for t in fig.data if t.xaxis == "x"]
+    assert order.index("control applied") > order.index("control asked")
+    assert applied.marker.size > asked.marker.size and applied.marker.symbol == "triangle-down"
 
 
 def test_conditional_panels_appear_only_with_their_data(tmp_path):
@@ -265,6 +269,8 @@ def test_the_report_is_the_same_panels_as_html(runs_dir, tmp_path):
 def test_a_marker_names_only_the_controls_that_changed():
     event = {"type": "control", "rank": 0, "time": 1.0, "step": 3, "attempt": 2, "lr": 0.01, "paused": True}
     assert traces.marker_label(event) == "lr=0.01, paused"
+    assert traces.marker_label({"type": "control", "step": 9, "stop": True, "save": True}) == "relaunch"
+    assert traces.marker_label({"type": "control", "step": 9, "stop": True}) == "stop"
 
 
 def test_a_dashboard_opened_on_a_long_run_reads_it_in_slices_and_catches_up(tmp_path, monkeypatch):

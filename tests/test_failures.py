@@ -178,3 +178,114 @@ def test_a_rank_that_exits_0_before_finishing_fails_the_run(runs_dir):
     run = ddlkit.launch(_quits_early, num_processes=2, run_dir=runs_dir, echo=False)
     with pytest.raises(RunFailed, match="rank 1: exited with code 0 without a traceback"):
         run.wait(timeout=60)
+
+
+def test_a_ranks_traceback_is_shown_once_and_kept_in_its_log(runs_dir):
+    cfg = RunConfig(
+        world_size=2,
+        steps=40,
+        batch_size=8,
+        device="cpu",
+        run_dir=runs_dir,
+        fault={"rank": 1, "step": 3, "kind": "exception"},
+    )
+    echoed: list[str] = []
+    run = ddlkit.launch(cfg, echo=echoed.append)
+    with pytest.raises(RunFailed) as info:
+        run.wait(timeout=120)
+    assert str(info.value).count('raise RuntimeError(f"injected fault at step {step}")') == 1  # the traceback, once
+    assert not any("injected fault" in line or line.endswith("Traceback (most recent call last):") for line in echoed)
+    assert "RuntimeError: injected fault at step 3" in (run.path / "rank1.log").read_text()  # the log keeps it
+
+
+def test_an_interrupt_during_wait_stops_the_run_and_says_so_in_one_line(runs_dir):
+    run = ddlkit.launch(RunConfig(steps=100_000, batch_size=8, device="cpu", run_dir=runs_dir), echo=False)
+    main = threading.main_thread().ident
+
+    def interrupt():  # Ctrl-C, or Jupyter's stop button, while the notebook waits
+        while run.steps_done < 5:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(ddlkit.RunInterrupted) as info:
+        run.wait(timeout=120)
+    assert run.status == "stopped" and run.steps_done >= 5
+    shown = info.value._render_traceback_()  # what IPython prints instead of a traceback
+    assert len(shown) == 1 and f"run {run.id} was stopped by the interrupt" in shown[0]
+    assert info.value.__suppress_context__  # no chained traceback through threading.py
+    assert len(ddlkit.load_run(run.path).metrics) == len(run.metrics)  # everything recorded stayed
+
+
+# ---- which rank hangs ------------------------------------------------------------
+class _Process:
+    """Stands in for a worker process (only its pid is read)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def poll(self):
+        return None
+
+
+def _stalled(rank, last_progress, waiting, now=100.0, pid=None, started=True):
+    from ddlkit.kernel.ranks import RankState
+
+    return RankState(
+        rank,
+        _Process(pid or os.getpid()),
+        started=started,
+        last_step=5 if started else -1,
+        progress_at=now - last_progress,
+        heard_at=now - 0.5,
+        waiting=waiting,
+    )
+
+
+def test_the_rank_its_peers_wait_for_is_the_hung_one_not_the_first_overdue():
+    from ddlkit.kernel.hangs import hung_ranks
+
+    # rank 0 logged its last step a moment before rank 1 did, so it is overdue
+    # first; but it waits in a collective, and rank 1 does not.
+    ranks = [_stalled(0, 2.1, waiting=True), _stalled(1, 1.9, waiting=False)]
+    assert hung_ranks(ranks, 100.0, hang_timeout=2.0) == [ranks[1]]
+    assert [r.hung for r in ranks] == [False, True]
+    # all waiting on one another (a real distributed deadlock): the overdue one
+    ranks = [_stalled(0, 2.1, waiting=True), _stalled(1, 1.9, waiting=True)]
+    assert hung_ranks(ranks, 100.0, hang_timeout=2.0) == [ranks[0]]
+    # nothing overdue yet, and a rank still starting up gets its grace
+    assert hung_ranks([_stalled(0, 1.9, waiting=False)], 100.0, hang_timeout=2.0) == []
+    assert hung_ranks([_stalled(0, 30.0, waiting=False, started=False)], 100.0, hang_timeout=2.0) == []
+
+
+def test_a_stopped_rank_is_the_hung_one_and_said_to_be_stopped():
+    import subprocess
+
+    from ddlkit.kernel.hangs import hung_ranks
+
+    stopped = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        ranks = [_stalled(0, 2.1, waiting=False), _stalled(1, 1.5, waiting=False, pid=stopped.pid)]
+        assert hung_ranks(ranks, 100.0, hang_timeout=2.0) == [ranks[1]]
+        assert "stopped by a signal (SIGSTOP" in ranks[1].describe()
+    finally:
+        stopped.kill()
+        stopped.wait()
+
+
+def test_ranks_ddlkit_killed_are_never_the_culprit():
+    from ddlkit.kernel.ranks import culprit, failure_report
+
+    waiting, hung = _stalled(0, 3.0, waiting=True), _stalled(1, 2.0, waiting=False)
+    hung.hung = True
+    for state in (waiting, hung):
+        state.ended_by_ddlkit, state.returncode, state.ended_at = True, -signal.SIGKILL, 101.0
+    waiting.ended_at = 100.5  # it died first, but by ddlkit's hand
+    assert culprit([waiting, hung]) is hung
+    report = failure_report("r", [waiting, hung])
+    assert "first failure: rank 1" in report
+    assert "rank 0: waiting for a peer, killed by ddlkit when the run ended" in report
+    assert "killed by SIGKILL" not in report

@@ -7,6 +7,7 @@ step events; ``run.metrics`` only the latest per step)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -35,7 +36,7 @@ _references: dict[str, dict[str, torch.Tensor]] = {}
 def reference_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Final weights of the same experiment run straight through (cached per config)."""
     clean = cfg.replace(fault=None, max_restarts=0, checkpoint_every=None)
-    key = json.dumps(clean.replace(run_dir="").to_dict(), sort_keys=True)
+    key = json.dumps({**clean.to_dict(), "run_dir": None}, sort_keys=True)  # the same experiment, any folder
     if key not in _references:
         _references[key] = ddlkit.launch(clean, echo=False).wait(timeout=180).result().state_dict
     return _references[key]
@@ -82,6 +83,28 @@ def test_checkpoints_are_whole_or_skipped_and_only_the_last_k_kept(tmp_path):
     assert checkpoint.load_file(found.path / "state.pt")["w"][0].item() == 10.0
 
 
+def test_checkpoints_past_step_999999_sort_by_number(tmp_path):
+    for step in (999_980, 999_990, 1_000_000, 1_000_010):
+        checkpoint.save(tmp_path, step, {"state.pt": {"w": torch.full((4,), float(step))}}, meta={}, keep=2)
+    # "step-1000010" < "step-999990" as strings: the newest must still win, and pruning keep it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-1000010"]
+    found = checkpoint.latest(tmp_path)
+    assert found.step == 1_000_010
+    assert checkpoint.load_file(found.path / "state.pt")["w"][0].item() == 1_000_010.0
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_tmp_folder(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "write_synced", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, 5, {"state.pt": {"w": torch.ones(2)}}, meta={})
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- elastic restart ------------------------------------------------------
 def test_kill_9_restarts_all_ranks_and_redoes_at_most_c_steps(runs_dir):
     cfg = BASE.replace(run_dir=runs_dir, max_restarts=1, fault={"rank": 1, "step": 13, "kind": "sigkill"})
@@ -94,6 +117,36 @@ def test_kill_9_restarts_all_ranks_and_redoes_at_most_c_steps(runs_dir):
     assert_one_row_per_step(run, cfg.steps)
     assert len(run.pids) == 4  # two attempts of two ranks, all checked gone by the fixture
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
+
+
+def test_rows_of_a_killed_rank_are_never_lost_behind_a_checkpoint(runs_dir):
+    """Rank 1 is killed as it starts step 10, just after checkpoint 10: the rows
+    it logged in its last 0.1 s must not be lost (its reporter sends in batches)
+    while the restart resumes after them. Every rank has every step, once."""
+    cfg = BASE.replace(run_dir=runs_dir, steps=15, max_restarts=1, fault={"rank": 1, "step": 10, "kind": "sigkill"})
+    run = ddlkit.launch(cfg, echo=False).wait(timeout=240)
+    assert run.status == "done"
+    rows = run.metrics
+    for rank in (0, 1):
+        assert sorted(rows.query(f"rank == {rank}")["step"]) == list(range(cfg.steps)), f"rank {rank}"
+    assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-6
+
+
+def test_a_restart_resumes_no_later_than_the_rows_that_arrived(tmp_path):
+    """Should rows be lost anyway (a rank killed between its last step and the
+    checkpoint its peers finish), the kernel restarts from an older checkpoint."""
+    from ddlkit.kernel.ranks import RankState
+    from ddlkit.kernel.restarts import Restarts
+    from ddlkit.kernel.run import Run
+
+    for step in (5, 10):
+        checkpoint.save(checkpoint.folder_of(tmp_path), step, {"state.pt": {"w": torch.ones(1)}}, meta={}, keep=3)
+    rows = [{"type": "step", "rank": r, "step": s, "time": 1.0} for r in (0, 1) for s in range(12) if (r, s) != (1, 8)]
+    run = Run.from_events(rows, path=tmp_path, status="running")
+    ranks = [RankState(0, None, returncode=-9), RankState(1, None, returncode=-9)]  # type: ignore[arg-type]
+    attempt = Restarts(run, BASE.replace(max_restarts=1)).next(ranks)
+    assert attempt.event["from_step"] == 5  # not 10: rank 1's row of step 8 never arrived, so step 8 is redone
+    assert "step-000010 is not used: the rows of step 8 never arrived" in attempt.event["skipped"][0]
 
 
 def test_restarts_are_reliable_20_of_20(runs_dir):
@@ -211,9 +264,78 @@ def test_resize_2_to_1_and_back_loses_no_step(runs_dir):
         assert layout["from_step"] == max(before) + 1
     assert steps_redone(run) == 0
     assert_one_row_per_step(run, cfg.steps)
+    # The slowdown asked at the start is in force in every attempt, but marked once: when first applied.
+    assert [e["attempt"] for e in of_type(run, "control") if "slowdown" in e] == [0]
     # Two ranks of 8 and one of 16 take the same steps (data parallelism is
     # large-batch training): the weights match the 2-rank run up to rounding.
     assert max_difference(run.result().state_dict, reference_state(cfg)) < 1e-5
+
+
+LAYOUTS = [("pipeline", 2), ("tensor", 2), ("fsdp", 2), ("data", 1)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_run_without_checkpoints_goes_through_every_layout_from_the_same_weights(runs_dir, optimizer):
+    """data(2) -> pipeline(2) -> tensor(2) -> fsdp(2) -> data(1), live, on one run
+    launched without checkpoint_every: each stop saves the step whole, by
+    single-process names (model and optimizer state), and the next layout loads
+    it. The run ends with the weights of an uninterrupted data(2) run: with SGD,
+    and with Adam, whose moments must carry over for that."""
+    cfg = RunConfig(
+        strategy="data",
+        world_size=2,
+        steps=40,
+        batch_size=8,
+        lr=0.05 if optimizer == "sgd" else 0.01,
+        optimizer=optimizer,
+        hidden=32,
+        device="cpu",
+        hang_timeout=60,
+        run_dir=runs_dir,
+        delay_s={0: 0.1, 1: 0.1},  # slow enough to change layout every few steps
+    )
+    run = ddlkit.launch(cfg, echo=False)
+    _wait_for(lambda: run.steps_done >= 4)
+    for count, (strategy, world_size) in enumerate(LAYOUTS, start=1):
+        run.relaunch(world_size=world_size, strategy=strategy)
+        _wait_for(lambda count=count: len(of_type(run, "layout")) == count)
+        resumed_at = of_type(run, "layout")[-1]["from_step"]
+        _wait_for(lambda resumed_at=resumed_at: run.steps_done >= resumed_at + 3 or not run.live)
+    run.wait(timeout=300)
+    assert run.status == "done" and (run.strategy, run.world_size) == ("data", 1)
+    layouts = of_type(run, "layout")
+    # The same global batch of 16 samples: one replica of 16, or two of 8.
+    assert [(e["strategy"], e["world_size"], e["batch_size"]) for e in layouts] == [
+        ("pipeline", 2, 16),
+        ("tensor", 2, 16),
+        ("fsdp", 2, 8),
+        ("data", 1, 16),
+    ]
+    for layout in layouts:  # each layout went on exactly after the last step of the one before
+        before = [e["step"] for e in of_type(run, "step") if e["rank"] == 0 and e["attempt"] == layout["attempt"] - 1]
+        assert layout["from_step"] == max(before) + 1 and layout["checkpoint"] == f"step-{layout['from_step']:06d}"
+    assert steps_redone(run) == 0
+    assert_one_row_per_step(run, cfg.steps)
+    assert max_difference(run.result().state_dict, reference_state(cfg.replace(delay_s=None))) < 1e-5
+
+
+def test_a_relaunch_that_cannot_work_is_refused_before_anything_stops(runs_dir):
+    run = ddlkit.launch(BASE.replace(run_dir=runs_dir, steps=10_000, checkpoint_every=None), echo=False)
+    _wait_for(lambda: run.steps_done >= 2)
+    for changes, message in [
+        ({"strategy": "ps", "world_size": 3}, "strategy='ps' is invalid for a relaunch"),
+        ({"strategy": "pipeline", "world_size": 1}, "world_size=1 is invalid for strategy='pipeline'"),
+        ({"world_size": 3}, "must split evenly over 3"),
+        ({"strategy": "pipeline", "micro_batches": 3}, "micro_batches=3 is invalid"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run.relaunch(**changes)
+    assert run.status == "running" and of_type(run, "control_request") == []  # nothing was asked of the ranks
+    run.stop()
+    ps = ddlkit.launch(RunConfig(strategy="ps", world_size=3, steps=10_000, device="cpu", run_dir=runs_dir), echo=False)
+    with pytest.raises(ValueError, match="a run of strategy='ps' cannot change its layout live"):
+        ps.relaunch(world_size=2)
+    ps.stop()
 
 
 # ---- refused before anything starts -----------------------------------------

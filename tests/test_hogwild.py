@@ -78,10 +78,12 @@ def _mappings(pid: int) -> list[str]:
 
 
 def _segment_of(pid: int) -> str | None:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    """Rank 0's mapping of the shared memory, as /proc/<pid>/map_files/<range>: it
+    lasts the whole run (its descriptor is closed once every rank mapped it)."""
+    for entry in os.listdir(f"/proc/{pid}/map_files"):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:ddlkit-hogwild"):
-                return f"/proc/{pid}/fd/{fd}"
+            if os.readlink(f"/proc/{pid}/map_files/{entry}").startswith("/memfd:ddlkit-hogwild"):
+                return f"/proc/{pid}/map_files/{entry}"
         except OSError:
             continue
     return None
@@ -125,7 +127,7 @@ def test_the_shared_memory_has_no_name_to_hijack_and_only_this_user_opens_it(run
     assert victim.read_bytes() == b"precious\n" * 1000, "the run wrote through a planted symlink"
     assert seen == set(), f"the run named something in /dev/shm: {seen}"
     assert failure is None, failure
-    assert segment is not None, "rank 0 holds no memfd"
+    assert segment is not None, "rank 0 maps no memfd"
     assert mode == 0o600 and stranger == "refused (Permission denied)", (mode, stranger)
     # Both ranks map one and the same anonymous file (its inode), and nothing from /dev/shm.
     assert mapped is not None and mapped[0] == mapped[1] and len(mapped[0]) == 1, mapped

@@ -111,3 +111,31 @@ def test_bad_targets_are_refused_before_anything_starts(runs_dir):
         ddlkit.launch("ddlkit.rank.examples:train_digits", object(), run_dir=runs_dir)
     with pytest.raises(TypeError, match="pass world_size in the config"):
         ddlkit.launch(RunConfig(), num_processes=2)
+
+
+# ---- configs survive the trip to the workers ---------------------------------
+def test_a_learning_rate_of_1e_minus_5_reaches_the_workers(runs_dir):
+    """JSON writes 1e-05 with an exponent; a worker that read config.json as
+    YAML got the string '1e-05' and every rank failed its own validation."""
+    cfg = RunConfig(strategy="data", world_size=2, steps=3, batch_size=8, lr=1e-5, optimizer="adam", run_dir=runs_dir)
+    run = ddlkit.launch(cfg, echo=False).wait(timeout=120)
+    assert run.status == "done"
+    assert set(run.metrics["lr"]) == {1e-5}
+
+
+def test_a_rank_that_fails_before_its_loop_still_reports_its_traceback(runs_dir):
+    from ddlkit import registry
+
+    from . import plugin_that_fails_in_workers as plugin
+
+    try:
+        cfg = RunConfig(strategy=plugin.NAME, world_size=2, steps=3, batch_size=8, run_dir=runs_dir)
+        run = ddlkit.launch(cfg, echo=False)
+        with pytest.raises(ddlkit.RunFailed) as info:
+            run.wait(timeout=120)
+    finally:
+        registry.unregister(plugin.NAME)
+    message = str(info.value)
+    assert "without a traceback" not in message
+    assert "raised: ImportError: plugin_that_fails_in_workers needs a package that the workers lack" in message
+    assert "traceback of rank" in message and "RunConfig.load" in message  # the frames, not just the last line

@@ -63,11 +63,16 @@ def test_rank_activity_shows_step_rate_and_idle_time():
 
 
 def test_panel_traces_and_loss_overlay():
-    histogram, over_time = staleness.histogram_traces(RUN), staleness.over_time_traces(RUN)
-    assert [t.name for t in histogram] == ["applied updates", "dropped"]
-    assert [t.name for t in over_time] == ["worker 1", "worker 2"]
-    assert list(histogram[0].y) == [1, 2, 0, 0] and list(over_time[1].y) == [1, 3]
-    figure = staleness.figure(RUN)
+    from ddlkit.kernel.run import Run
+    from ddlkit.view.rundata import Context, RunData
+
+    data = [RunData(Run.from_events(RUN.events, started=RUN.started, world_size=3))]
+    histogram, over_time = staleness.histogram_panel(data, Context()), staleness.over_time_panel(data, Context())
+    assert [t["name"] for t in histogram] == ["applied updates", "dropped"]
+    assert [t["name"] for t in over_time] == ["worker 1", "worker 2"]
+    assert list(histogram[0]["y"]) == [1, 2, 0, 0] and list(over_time[1]["y"]) == [1, 3]
+    assert list(histogram[1]["base"]) == list(histogram[0]["y"])  # dropped updates stacked on the applied
+    figure = staleness.figure(data[0].run)
     assert len(figure.data) == 4 and {t.xaxis for t in figure.data[2:]} == {"x2"}
     overlay = staleness.loss_vs_time({"bsp": RUN, "async": RUN})
     assert [t.name for t in overlay] == ["bsp", "async"] and len(overlay[0].x) == 5

@@ -46,7 +46,10 @@ def test_run_lr_pause_resume_stop_act_on_a_real_run(runs_dir):
     panel.run_button.click()
     run = panel.run
     assert run is not None and panel.run_button.disabled and not panel.stop_button.disabled
-    assert panel.dashboard_box.children == (panel.dashboard.figure,)
+    assert (
+        panel.dashboard_box.children == (panel.dashboard.widget,)
+        and panel.dashboard.widget.children[0] is panel.dashboard.figure
+    )
     wait_until(lambda: run.steps_done >= 30, 60, "30 steps")
 
     moved = time.time()
@@ -55,7 +58,8 @@ def test_run_lr_pause_resume_stop_act_on_a_real_run(runs_dir):
     assert time.time() - moved < 1.0
 
     def marked():
-        return any("lr=0.01" in (trace.text or ()) for trace in panel.dashboard.figure.data if trace.name == "controls")
+        applied = [t for t in panel.dashboard.figure.data if t.name == "control applied"]
+        return any("lr=0.01" in (trace.text or ()) for trace in applied)
 
     wait_until(marked, 2, "lr marked on the loss curves")
 
@@ -110,42 +114,53 @@ def test_the_straggler_row_sets_the_config_and_steers_a_running_ps_run(runs_dir)
     assert run.status == "stopped"
 
 
-def test_changing_the_world_size_during_a_run_relaunches_it_in_the_new_layout(runs_dir):
+def test_a_default_panel_changes_the_layout_of_a_running_run_and_reverts_what_cannot_work(runs_dir):
     panel = ControlPanel(
-        RunConfig(strategy="data", world_size=2, steps=400, batch_size=8, device="cpu", run_dir=runs_dir)
+        RunConfig(strategy="data", world_size=2, steps=100_000, batch_size=8, device="cpu", run_dir=runs_dir)
     )
-    checkpoints = panel.fields["checkpoint_every"]
-    assert [w.description for w in panel.knob_box.children] == [
-        "compression", "PowerSGD rank", "top-k ratio", "error feedback", "grad accumulation",
-        "checkpoint every (0: off)",
-    ]  # fmt: skip
-    assert panel.config().checkpoint_every is None  # 0 in the widget: off
+    assert panel.config().checkpoint_every is None  # a default panel: no checkpoints asked for
     run = panel.start()
-    wait_until(lambda: run.steps_done > 20, 60, "steps")
-    panel.fields["world_size"].value = 1  # without checkpoints: refused, the run goes on
-    assert "relaunch needs checkpoints" in panel.error.value and run.status == "running"
-    run.stop()
-    panel.fields["world_size"].value = 2
-    checkpoints.value = 10
-    assert panel.config().checkpoint_every == 10
-    run = panel.start()
-    wait_until(lambda: run.steps_done > 30, 60, "steps")
-    panel.fields["world_size"].value = 1
+    wait_until(lambda: run.steps_done > 10, 60, "steps")
+
+    def refused(field, value, running, why):
+        panel.fields[field].value = value
+        shown = panel.error.value.replace("&#x27;", "'")
+        assert "layout not changed" in shown and why in shown, shown
+        assert panel.fields[field].value == running and run.status == "running"  # the widget went back
+
+    refused("world_size", 3, 2, "must split evenly over 3")  # 16 samples a step do not split over 3 ranks
+    refused("world_size", 0, 2, "world_size=0 is invalid")  # not clamped to 1 in silence: refused, and why
+    refused("strategy", "ps", "data", "strategy='ps' is invalid for a relaunch")
+    assert not [e for e in run.events if e["type"] == "layout"]
+
+    panel.fields["world_size"].value = 1  # the same run goes on with one rank of 16
+    assert panel.error.layout.display == "none" and panel.error.value == ""  # the stale refusal is gone
     wait_until(lambda: any(e["type"] == "layout" for e in run.events), 60, "the new layout")
     (layout,) = [e for e in run.events if e["type"] == "layout"]
-    assert layout["world_size"] == 1
+    assert (layout["world_size"], layout["batch_size"]) == (1, 16)
     wait_until(lambda: run.steps_done > layout["from_step"] + 5, 60, "steps in the new layout")
+    wait_until(lambda: panel.fields["batch_size"].value == 16, 5, "the panel shows the new per-replica batch")
     rows = run.metrics
     assert set(rows[rows["step"] >= layout["from_step"]]["rank"]) == {0}  # one rank now
     assert sorted(rows["step"].unique()) == list(range(rows["step"].max() + 1))  # no step lost
+
+    refused("strategy", "pipeline", "data", "world_size=1 is invalid for strategy='pipeline'")
     panel.stop()
-    assert run.status == "stopped"
+    assert run.status == "stopped" and panel.error.value == ""  # a refusal about a stopped run is stale
+    assert panel.config().world_size == 1 and panel.config().batch_size == 16  # the next Run is what is shown
 
 
 def test_model_parallel_knobs_describe_a_layout_and_refuse_impossible_ones():
     panel = ControlPanel(RunConfig(strategy="data", world_size=2, model="lm", dataset="sonnets", device="cpu"))
     panel.fields["strategy"].value = "hybrid"
-    assert [w.description for w in panel.knob_box.children] == ["dp", "pp", "tp", "micro-batches", "schedule"]
+    assert [w.description for w in panel.knob_box.children] == [
+        "dp",
+        "pp",
+        "tp",
+        "micro-batches",
+        "schedule",
+        "checkpoint every (0: off)",
+    ]
     knobs = {w.description: w for w in panel.knob_box.children}
     panel.fields["world_size"].value = 4
     knobs["dp"].value, knobs["tp"].value = 2, 2

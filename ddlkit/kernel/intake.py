@@ -18,7 +18,8 @@ from typing import IO, Any
 
 from .. import channel
 from ..channel import ChannelServer
-from ..files import open_private
+from ..files import open_private_fd
+from .records import RecordError, write_all
 
 MAX_MESSAGES_PER_READ = 1000  # keeps supervision running under a flood of events
 TAIL_LINES = 50  # per rank, for the failure report
@@ -41,16 +42,17 @@ class Intake:
         self.world_size = 0
         self.on_connect: Callable[[int], None] = lambda rank: None
         self._partial: dict[int, bytes] = {}
-        self._logs: dict[int, IO[bytes]] = {}
+        self._logs: dict[int, int] = {}  # rank -> file descriptor of rank<r>.log (unbuffered: nothing to lose at close)
         self._send_lock = threading.Lock()
 
     def adopt(self, world_size: int, outputs: dict[int, IO[bytes]]) -> None:
         """Read a new attempt's ranks (at launch and after every restart)."""
         self.world_size = world_size
-        self.outputs = dict(outputs)
         self.tails = {rank: deque(maxlen=TAIL_LINES) for rank in outputs}
         self._partial = {rank: b"" for rank in outputs}
-        self._logs = {rank: open_private(self.folder / f"rank{rank}.log", "ab") for rank in outputs}
+        for rank in outputs:
+            self._logs[rank] = self._open_log(rank)
+        self.outputs = dict(outputs)
         for rank, stream in outputs.items():
             os.set_blocking(stream.fileno(), False)
             self.selector.register(stream, selectors.EVENT_READ, partial(self._read_output, rank))
@@ -82,6 +84,13 @@ class Intake:
         if self.echo is not None:
             self.echo(f"ddlkit: {line}")
 
+    def keep(self, rank: int, text: str) -> None:
+        """Lines a rank sent as an event (its traceback): into its log and tail, not echoed (RunFailed shows it)."""
+        if rank in self._logs:  # closed ones are gone from it
+            self._log(rank, text.encode())
+        if rank in self.tails:
+            self.tails[rank].extend(text.rstrip("\n").splitlines())
+
     def end_attempt(self) -> None:
         """Close what connects to the attempt's ranks, after its last output."""
         for rank in list(self.outputs):
@@ -91,12 +100,22 @@ class Intake:
             conn.close()
         self.connections.clear()
         for log in self._logs.values():
-            log.close()
+            os.close(log)
+        self._logs.clear()
 
     def close(self) -> None:
-        self.end_attempt()
-        self.selector.close()
-        self.server.close()
+        try:
+            self.end_attempt()
+        finally:
+            self.selector.close()
+            self.server.close()
+
+    def _open_log(self, rank: int) -> int:
+        path = self.folder / f"rank{rank}.log"
+        try:
+            return open_private_fd(path, "ab")
+        except OSError as exc:
+            raise RecordError(f"cannot write {path}: {exc}") from exc
 
     # ---- reading ----------------------------------------------------------
     def _accept(self, _arrived: list[Arrival]) -> None:
@@ -122,6 +141,12 @@ class Intake:
             conn.close()
             del self.connections[rank]
 
+    def _log(self, rank: int, data: bytes) -> None:
+        try:
+            write_all(self._logs[rank], data)
+        except OSError as exc:
+            raise RecordError(f"cannot write {self.folder / f'rank{rank}.log'}: {exc}") from exc
+
     def _read_output(self, rank: int, _arrived: list[Arrival]) -> None:
         try:
             data = os.read(self.outputs[rank].fileno(), 65536)
@@ -130,8 +155,7 @@ class Intake:
         if not data:
             self._close_output(rank)
             return
-        self._logs[rank].write(data)
-        self._logs[rank].flush()
+        self._log(rank, data)
         *lines, self._partial[rank] = (self._partial[rank] + data).split(b"\n")
         for line in lines:
             self._emit(rank, line)

@@ -35,10 +35,11 @@ def launch(
     *args: Any,
     num_processes: int | None = None,
     device: str = "auto",
-    run_dir: str = "runs",
+    run_dir: str | os.PathLike[str] = "runs",
     hang_timeout: float | None = None,
     echo: bool | Callable[[str], None] = True,
     resume: str | os.PathLike[str] | None = None,
+    oversubscribe: bool = False,
 ) -> Run:
     """Start a run in the background and return its :class:`Run` at once.
 
@@ -49,6 +50,9 @@ def launch(
     ``echo`` (print, by default) tagged by rank. The run's folder and every
     file in it are yours alone (0700/0600) unless ``DDLKIT_RUN_MODE`` says
     otherwise (docs/security.md).
+
+    ``oversubscribe=True`` lets a function run more processes than
+    ``ddlkit.limits.RANKS_PER_CORE`` per CPU core (a RunConfig has the same field).
 
     ``resume="runs/<id>"`` continues that run (its folder, events and run id)
     from its newest valid checkpoint, with the folder's config unless a
@@ -82,9 +86,20 @@ def launch(
     if not (callable(target) or isinstance(target, str)):
         raise TypeError(f"launch() takes a RunConfig, a function or 'module:function', not {type(target).__name__}")
     world_size = 2 if num_processes is None else num_processes
-    check = RunConfig(strategy="data", world_size=world_size, device=device, hang_timeout=hang_timeout or 1.0)
-    check.validate()  # the same messages for world size and device as a built-in run
-    return _start(world_size, check.resolved_device(), Path(run_dir), hang_timeout, echo, function=target, args=args)
+    check = _function_checks(world_size, device, run_dir, hang_timeout, oversubscribe)
+    return _start(
+        world_size, check.resolved_device(), Path(check.run_dir), hang_timeout, echo, function=target, args=args
+    )
+
+
+def _function_checks(
+    world_size: int, device: str, run_dir: str | os.PathLike[str], hang_timeout: float | None, oversubscribe: bool
+) -> RunConfig:
+    """A launched function's settings, checked as a built-in run's (the same messages)."""
+    check = RunConfig(strategy="data", world_size=world_size, device=device, batch_size=1, run_dir=run_dir)
+    check = check.replace(hang_timeout=hang_timeout or 1.0, oversubscribe=oversubscribe)
+    check.validate()
+    return check
 
 
 def _start(
@@ -110,10 +125,15 @@ def _start(
     else:  # the same run folder, its events, and attempt numbers that go on
         run, announce, checkpoint = continue_run(resume, world_size, say or (lambda line: None))
         attempt = announce[0]["attempt"]
+    if config is not None:
+        run.meta["strategy"] = config.strategy
     starter = Starter(run.path, device, Rendezvous(), ChannelServer(new_token()), config, function, spawn_name, args)
-    ranks, outputs = starter.start(world_size, attempt, checkpoint)
-    supervisor = Supervisor(run, starter, hang_timeout, say, Restarts(run.path, config, attempt, announce))
-    supervisor.start(ranks, outputs)
+    try:  # the folder's files are opened first: a folder that cannot be written fails before any process starts
+        supervisor = Supervisor(run, starter, hang_timeout, say, Restarts(run, config, attempt, announce))
+    except BaseException:
+        starter.close()
+        raise
+    supervisor.begin(world_size, attempt, checkpoint)
     return run
 
 

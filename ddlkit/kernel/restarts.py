@@ -3,7 +3,8 @@ start the next attempt, from which checkpoint, in which layout.
 
 A failure restarts at most ``max_restarts`` times; a new layout
 (``Run.relaunch``) always gets its attempt. Each attempt starts from the
-newest valid checkpoint of the run folder (or step 0 without one).
+newest valid checkpoint of the run folder (or step 0 without one) that is not
+past a step whose rows some rank never delivered.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .. import checkpoint, events
+from .. import checkpoint, events, registry
 from ..config import RunConfig
 from .ranks import RankState, culprit
-from .resume import resized
+from .resume import resized, rows_arrived_until, rows_missing
+from .run import Run
 
 
 @dataclass
@@ -30,9 +33,9 @@ class Attempt:
 
 class Restarts:
     def __init__(
-        self, folder: Path, config: RunConfig | None, attempt: int = 0, announce: list[events.Restart] | None = None
+        self, run: Run, config: RunConfig | None, attempt: int = 0, announce: list[events.Restart] | None = None
     ):
-        self.folder = folder
+        self.run = run
         self.config = config  # the current attempt's (None: a launched function)
         self.attempt = attempt
         self.announce = announce or []  # recorded first, by the supervisor's thread
@@ -48,13 +51,24 @@ class Restarts:
     def left(self) -> bool:
         return self.used < self.max_restarts
 
-    def new_layout(self, world_size: int | None, strategy: str | None) -> None:
-        """The layout of the next attempt (the current ranks are then asked to stop)."""
+    def new_layout(self, world_size: int | None, strategy: str | None, knobs: dict[str, Any]) -> None:
+        """The layout of the next attempt (the current ranks are then asked to
+        stop at a step and checkpoint it; the new layout loads that checkpoint)."""
         if self.config is None:
             raise RuntimeError("relaunch acts on built-in experiments (a RunConfig), not on a launched function")
-        if self.config.checkpoint_every is None:
-            raise ValueError("relaunch needs checkpoints: launch the run with checkpoint_every set")
-        self.new_config = resized(self.config, world_size, strategy)
+        new = resized(self.config, world_size, strategy, knobs)
+        able = [name for name in registry.names() if registry.get(name).portable]
+        if not registry.get(self.config.strategy).portable:
+            raise ValueError(
+                f"a run of strategy={self.config.strategy!r} cannot change its layout live: its ranks do not "
+                f"save a whole checkpoint to go on from (runs of {able} can)"
+            )
+        if not registry.get(new.strategy).portable:
+            raise ValueError(
+                f"strategy={new.strategy!r} is invalid for a relaunch: it cannot go on from the run's "
+                f"checkpoint (valid: {able})"
+            )
+        self.new_config = new
 
     def next(self, ranks: list[RankState]) -> Attempt | None:
         """The next attempt if one is due (the ranks of this one have all ended), else None."""
@@ -62,7 +76,9 @@ class Restarts:
         new_layout = self.new_config is not None and (failed or self.stopped_early)
         if self.config is None or not (new_layout or failed and self.left()):
             return None
-        found = checkpoint.latest(checkpoint.folder_of(self.folder))
+        # No later than the first step whose rows did not all arrive: those steps are redone, not lost.
+        until = rows_arrived_until(self.run, self.config)
+        found = checkpoint.latest(checkpoint.folder_of(self.run.path), until, rows_missing(until))
         self.attempt += 1
         now, from_step = time.time(), found.step if found else 0
         name, skipped = (found.path.name, found.skipped) if found else (None, [])

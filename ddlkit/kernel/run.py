@@ -13,30 +13,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
 import torch
 
+from .outcomes import Result, RunFailed, RunInterrupted
+
+__all__ = ["Run", "RunFailed", "RunInterrupted", "Result", "LIVE"]
 LIVE = ("starting", "running")
-
-
-class RunFailed(RuntimeError):
-    """A rank raised, died or hung. The message names every rank's exit and
-    carries the first real traceback (not a peer's 'connection reset')."""
-
-    def __init__(self, message: str, run_id: str):
-        super().__init__(message)
-        self.run_id = run_id
-
-
-@dataclass
-class Result:
-    state_dict: dict[str, Any] | None  # full model state on CPU (built-in experiments)
-    summary: dict[str, Any]
-    returns: dict[int, Any] = field(default_factory=dict)  # what each rank's function returned, if anything
 
 
 class Driver(Protocol):
@@ -44,7 +30,7 @@ class Driver(Protocol):
 
     def stop(self) -> None: ...
     def control(self, changes: dict[str, Any]) -> None: ...
-    def relaunch(self, world_size: int | None, strategy: str | None) -> None: ...
+    def relaunch(self, world_size: int | None, strategy: str | None, knobs: dict[str, Any]) -> None: ...
 
 
 class Run:
@@ -127,7 +113,9 @@ class Run:
     def wait(self, timeout: float | None = None) -> Run:
         """Block until the run ends. Raises :class:`RunFailed` if it failed and
         ``TimeoutError`` if it is still going after ``timeout`` seconds (it keeps
-        going). An interrupt (Ctrl-C, Jupyter's stop button) stops the run."""
+        going). An interrupt (Ctrl-C, Jupyter's stop button) stops the run (its
+        ranks stop at a step; everything recorded stays) and raises
+        :class:`RunInterrupted`, which a notebook shows as one line."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             # Short slices: a SIGINT that lands on another thread of the kernel
@@ -137,7 +125,10 @@ class Run:
                     raise TimeoutError(f"run {self.id} is still {self.status} after {timeout} s")
         except KeyboardInterrupt:
             self.stop()
-            raise
+            raise RunInterrupted(
+                f"run {self.id} was stopped by the interrupt at step {self.steps_done}; "
+                f"what it recorded is in run.metrics, run.events and {self.path}"
+            ) from None
         if self._status == "failed":
             raise RunFailed(self._error or f"run {self.id} failed", self.id)
         return self
@@ -163,8 +154,8 @@ class Run:
     def stop(self, timeout: float = 10.0) -> Run:
         """End the run; it ends 'stopped' (never 'done'), keeping everything
         recorded so far. A built-in experiment's ranks stop together at a step
-        and save their state; any rank still running after 3 s (and a
-        function's ranks at once) is killed."""
+        (and checkpoint it, with ``checkpoint_every``); any rank still running
+        after 3 s (and a function's ranks at once) is killed."""
         if self._driver is not None and not self._ended.is_set():
             self._driver.stop()
             self._ended.wait(timeout)
@@ -181,19 +172,24 @@ class Run:
         """
         self._live_driver("live controls").control(changes)
 
-    def relaunch(self, world_size: int | None = None, strategy: str | None = None) -> None:
-        """Change the parallel layout of a running built-in experiment: the ranks
-        stop together at a step and checkpoint it, and the same run goes on from
-        that step with ``world_size`` ranks of ``strategy``. The global batch
-        stays the same (``batch_size`` per replica is rescaled), so the loss curve
-        continues; a ``layout`` event marks the step. Needs ``checkpoint_every``.
+    def relaunch(self, world_size: int | None = None, strategy: str | None = None, **knobs: Any) -> None:
+        """Change the layout of a running built-in experiment, now: the ranks stop
+        together at a step and checkpoint it (whole, by single-process names), and
+        the run goes on from there as ``world_size`` ranks of ``strategy`` (with its
+        ``knobs``, e.g. ``micro_batches=8``) and the same global batch; a ``layout``
+        event marks the step. Any of single, data, pipeline, tensor, fsdp, hybrid
+        goes on as any other. Raises ValueError, before anything stops, if the
+        layout cannot work. Example::
 
-        Example (a run of a RunConfig with ``checkpoint_every=50``)::
-
-            run.relaunch(world_size=1)
-            run.wait(300).world_size   # 1
+            run.relaunch(world_size=2, strategy="pipeline")
         """
-        self._live_driver("relaunch").relaunch(world_size, strategy)
+        self._live_driver("relaunch").relaunch(world_size, strategy, knobs)
+
+    @property
+    def strategy(self) -> str | None:
+        """The strategy the run's ranks run now (a built-in experiment's; after a relaunch, the new one)."""
+        strategy = self.meta.get("strategy")
+        return strategy if isinstance(strategy, str) else None
 
     def set_lr(self, lr: float) -> None:
         self.control(lr=lr)
@@ -242,6 +238,7 @@ class Run:
         self._table = None
         if event["type"] == "layout":
             self.world_size = event["world_size"]
+            self.meta["strategy"] = event["strategy"]
 
     def set_running(self) -> None:
         if self._status == "starting":

@@ -25,7 +25,7 @@ import torch  # here rather than in launch(): the first import costs a second
 from ..channel import ChannelServer
 from ..config import RunConfig
 from ..files import set_file_mode
-from .ranks import ForkedProcess, RankState, WorkerProcess
+from .ranks import ForkedProcess, RankState, WorkerProcess, kill_group, wait_gone
 from .store import Rendezvous
 
 
@@ -51,7 +51,8 @@ class Starter:
         self, world_size: int, attempt: int = 0, checkpoint: Path | None = None, config: RunConfig | None = None
     ) -> tuple[list[RankState], dict[int, Any]]:
         """Start every rank of attempt ``attempt``, resuming from ``checkpoint``
-        if given; ``config`` replaces the run's (a new layout)."""
+        if given; ``config`` replaces the run's (a new layout). If one cannot be
+        started, those already started are ended before the error is raised."""
         self.config = config or self.config
         if self.config is not None:
             self.config.save(self.path / "config.json")  # what a later resume of this folder runs
@@ -66,23 +67,34 @@ class Starter:
         ranks: list[RankState] = []
         outputs: dict[int, Any] = {}
         kernel_fds = [*self.server.fds(), *self.rendezvous.fds()]  # a forked worker must not hold them open
-        for rank in range(world_size):
-            env = worker_env(
-                rank, world_size, self.rendezvous.port, self.server, self.path, self.device, threads, attempt
-            )
-            if checkpoint is not None:
-                env["DDLKIT_RESUME"] = str(checkpoint)
-            if self.config is not None or self.spawn_name is not None:
-                if self.spawn_name is not None:
-                    env["DDLKIT_ARGS"] = json.dumps(list(self.args))
-                process, output = spawn_worker(argv, env)
-            else:
-                assert callable(self.function)  # only a function object is forked
-                process, output = fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
-            kernel_fds.append(output.fileno())
-            ranks.append(RankState(rank, process, progress_at=started))
-            outputs[rank] = output
+        try:
+            for rank in range(world_size):
+                env = worker_env(
+                    rank, world_size, self.rendezvous.port, self.server, self.path, self.device, threads, attempt
+                )
+                if checkpoint is not None:
+                    env["DDLKIT_RESUME"] = str(checkpoint)
+                process, output = self._start_one(rank, env, argv, threads, kernel_fds)
+                kernel_fds.append(output.fileno())
+                ranks.append(RankState(rank, process, progress_at=started))
+                outputs[rank] = output
+        except BaseException:  # e.g. no more processes allowed: none of this attempt may be left
+            for state in ranks:
+                kill_group(state.process.pid)
+                wait_gone(state.process)
+                outputs[state.rank].close()
+            raise
         return ranks, outputs
+
+    def _start_one(
+        self, rank: int, env: dict[str, str], argv: list[str], threads: int, kernel_fds: list[int]
+    ) -> tuple[WorkerProcess, Any]:
+        if self.config is not None or self.spawn_name is not None:
+            if self.spawn_name is not None:
+                env["DDLKIT_ARGS"] = json.dumps(list(self.args))
+            return spawn_worker(argv, env)
+        assert callable(self.function)  # only a function object is forked
+        return fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
 
     def close(self) -> None:
         """The store and the channel's listening socket go with the run."""

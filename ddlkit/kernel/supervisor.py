@@ -11,24 +11,24 @@ call :meth:`Supervisor.stop`, :meth:`control` and :meth:`relaunch`.
 from __future__ import annotations
 
 import atexit
-import signal
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from .. import controls, registry
+from .hangs import dump_stacks_if_hung
 from .intake import Arrival, Intake
-from .ranks import RankState, failure_report, kill_group, signal_process
-from .records import RunLog
+from .ranks import RankState, failure_report, kill_group, wait_gone
+from .records import RecordError, RunLog, remove_unfinished
 from .restarts import Restarts
 from .run import Run
 from .starter import Starter
 
 FAILURE_GRACE_S = 2.0  # after a first failure, time for the other ranks to report theirs
 RESTART_GRACE_S = 0.5  # the same, when the ranks will be restarted (their failure is recorded by then)
-STARTUP_GRACE_S = 60.0  # the least time a rank gets to make its first step
 STACK_DUMP_S = 1.0  # after a hang, time for the ranks to print their stacks
 DRAIN_S = 2.0  # after the last exit, longest wait for output still in flight
 GRACEFUL_STOP_S = 3.0  # after asking the ranks to stop, how long before they are killed
@@ -62,10 +62,24 @@ class Supervisor:
         self.ranks: list[RankState] = []
         self.thread = threading.Thread(target=self._loop, name=f"ddlkit-supervisor-{run.id}", daemon=True)
 
+    def begin(self, world_size: int, attempt: int, checkpoint: Path | None) -> None:
+        """Start the first attempt's ranks and supervise them; if that fails, nothing is left running."""
+        try:
+            ranks, outputs = self.starter.start(world_size, attempt, checkpoint)
+        except BaseException:
+            self._close()
+            raise
+        self.start(ranks, outputs)
+
     def start(self, ranks: list[RankState], outputs: dict[int, IO[bytes]]) -> None:
         rendezvous = self.starter.rendezvous
         self.run.ports = [rendezvous.port, self.starter.server.address[1], *rendezvous.private_ports]
-        self._adopt(ranks, outputs)
+        try:
+            self._adopt(ranks, outputs)
+        except BaseException:  # e.g. run.json cannot be written: nothing may be left running
+            self.ranks = ranks
+            self._close()
+            raise
         self.run.attach(self)
         with _live_lock:
             _live.add(self)
@@ -91,46 +105,72 @@ class Supervisor:
         self.log.append([{"type": "control_request", "time": time.time(), **controls.to_json(changes)}])
         self.intake.send({"type": "control", **controls.to_json(changes)})
 
-    def relaunch(self, world_size: int | None, strategy: str | None) -> None:
-        self.restarts.new_layout(world_size, strategy)
-        self.control({"stop": True})
+    def relaunch(self, world_size: int | None, strategy: str | None, knobs: dict[str, Any]) -> None:
+        self.restarts.new_layout(world_size, strategy, knobs)
+        self.control({"stop": True, "save": True})  # the ranks stop together at a step and checkpoint it
 
     # ---- the loop ---------------------------------------------------------------
     def _loop(self) -> None:
-        internal_error = None
+        problem = None  # why the run failed for a reason of the kernel's own, not a rank's
         try:
-            all_exited_at = None
-            self.log.append([dict(event) for event in self.restarts.announce])
-            while True:
-                arrived = self.intake.poll(SELECT_S)
-                if arrived:
-                    self.log.append(self._handle(arrived))
-                now = time.time()
-                self._supervise(now)
-                if all(r.returncode is not None for r in self.ranks):
-                    all_exited_at = all_exited_at or now
-                    if self.intake.drained or now - all_exited_at > DRAIN_S:
-                        if not self._next_attempt():
-                            break
-                        all_exited_at = None
+            self._supervise_until_over()
+        except (RecordError, OSError) as exc:  # disk full, folder removed: nothing more can be recorded
+            problem = f"run {self.run.id} failed: {exc}; every rank was ended, as nothing more could be recorded"
         except BaseException:  # a bug here must still end the workers
-            internal_error = traceback.format_exc()
-        finally:
-            self._end_ranks()
-            self.intake.close()
-            self.starter.close()
-        status, error = self._verdict(internal_error)
+            problem = f"run {self.run.id}: ddlkit's supervisor failed:\n{traceback.format_exc()}"
+        cleanup_errors = self._close()
         try:
-            self.log.close(self.run.finish(status, error))
-        finally:
+            status, error = self._verdict(problem, cleanup_errors)
+            self._finish(status, error)
+        finally:  # whatever happened, the run has a final status and wait() returns
             self.run.end()
             with _live_lock:
                 _live.discard(self)
+
+    def _supervise_until_over(self) -> None:
+        all_exited_at = None
+        self.log.append([dict(event) for event in self.restarts.announce])
+        while True:
+            arrived = self.intake.poll(SELECT_S)
+            if arrived:
+                self.log.append(self._handle(arrived))
+            now = time.time()
+            self._supervise(now)
+            if all(r.returncode is not None for r in self.ranks):
+                all_exited_at = all_exited_at or now
+                if self.intake.drained or now - all_exited_at > DRAIN_S:
+                    if not self._next_attempt():
+                        return
+                    all_exited_at = None
+
+    def _close(self) -> list[str]:
+        """End the ranks, remove what they left half-written, close the ports;
+        each step runs even if one before it failed. Returns what failed."""
+        failed = []
+        for step in (
+            self._end_ranks,
+            lambda: remove_unfinished(self.run.path),
+            self.intake.close,
+            self.starter.close,
+        ):
+            try:
+                step()
+            except Exception:
+                failed.append(traceback.format_exc())
+        return failed
+
+    def _finish(self, status: str, error: str | None) -> None:
+        """The final status and summary, in the Run and in ``summary.json``."""
+        try:
+            self.log.close(self.run.finish(status, error))
+        except RecordError as exc:  # the run is over, but its folder does not say so
+            self.run.finish("failed", "\n".join(filter(None, [error, f"run {self.run.id}: {exc}"])))
 
     def _next_attempt(self) -> bool:
         """Start the next attempt if one is due; False when the run is over."""
         if self.stop_requested:
             return False
+        self._read_outputs()
         attempt = self.restarts.next(self.ranks)
         if attempt is None:
             return False
@@ -138,7 +178,8 @@ class Supervisor:
         for line in attempt.event["skipped"]:
             self.intake.say(line)
         self.log.append([dict(attempt.event)])
-        self.controls.pop("stop", None)  # the stop that ended the old layout is not for the new one
+        for name in ("stop", "save"):  # the stop that ended the old layout is not for the new one
+            self.controls.pop(name, None)
         ranks, outputs = self.starter.start(
             attempt.config.world_size, attempt.number, attempt.checkpoint, attempt.config
         )
@@ -152,39 +193,53 @@ class Supervisor:
         self.log.write_meta()  # every worker of every attempt, so that all of them can be checked gone
         self.intake.adopt(len(ranks), outputs)
 
-    def _verdict(self, internal_error: str | None) -> tuple[str, str | None]:
-        for state in self.ranks:
-            state.output_tail = list(self.intake.tails.get(state.rank, ()))
-        if internal_error:
-            return "failed", f"run {self.run.id}: ddlkit's supervisor failed:\n{internal_error}"
+    def _verdict(self, problem: str | None, cleanup_errors: list[str]) -> tuple[str, str | None]:
+        self._read_outputs()
+        if cleanup_errors:
+            problem = "\n".join(filter(None, [problem, "ddlkit failed while ending the run:", *cleanup_errors]))
+        if problem:
+            own = any(r.failed and not r.killed_by_ddlkit for r in self.ranks)  # a rank failed of itself too
+            ranks = failure_report(self.run.id, self.ranks) if own else None
+            return "failed", "\n".join(filter(None, [problem, ranks]))
         if self.stop_requested:
             return "stopped", None
         if any(r.failed for r in self.ranks):
             return "failed", failure_report(self.run.id, self.ranks)
         return "done", None
 
+    def _read_outputs(self) -> None:
+        for state in self.ranks:
+            state.read_output(list(self.intake.tails.get(state.rank, ())))
+
     # ---- what the ranks say ---------------------------------------------------------
     def _connected(self, rank: int) -> None:
         self.ranks[rank].connected = True
         if self.controls:  # changes made before this rank connected
-            self.intake.send({"type": "control", **controls.to_json(self.controls)}, rank=rank)
+            # In a later attempt they were applied (and marked) before: they are in force from its start.
+            replay = {"replay": True} if self.restarts.attempt > 0 else {}
+            self.intake.send({"type": "control", **replay, **controls.to_json(self.controls)}, rank=rank)
         if all(r.connected for r in self.ranks):
             self.run.set_running()
 
     def _handle(self, arrived: list[Arrival]) -> list[dict[str, Any]]:
         """Progress, tracebacks and ends of the ranks; the events to record."""
-        recorded = []
+        recorded, now = [], time.time()
         for rank, event in arrived:
             state = self.ranks[rank]
             event["rank"] = rank  # a rank speaks only for itself
+            state.heard_at = now
             step = event.get("step")
             if isinstance(step, int) and step > state.last_step:
-                state.last_step, state.progress_at = step, time.time()
+                state.last_step, state.progress_at = step, now
             kind = event.get("type")
             if kind == "beat":
+                state.waiting = bool(event.get("waiting"))
+                if event.get("started") and not state.started:  # the hang timeout runs from here
+                    state.started, state.progress_at = True, max(state.progress_at, now)
                 continue
             if kind == "error":
                 state.traceback, state.error_at = event.get("traceback", ""), event.get("time", time.time())
+                self.intake.keep(rank, state.traceback)
             elif kind == "finished":
                 state.finished = True
                 self.restarts.stopped_early = self.restarts.stopped_early or bool(event.get("stopped"))
@@ -204,39 +259,27 @@ class Supervisor:
                 self.kill_at = now + (RESTART_GRACE_S if self.restarts.left() else FAILURE_GRACE_S)
             elif self.restarts.relaunching:  # the ranks stop at a step and save it: give them time
                 self.kill_at = now + RELAUNCH_STOP_S
-            else:
-                self._detect_hang(now)
+            elif self.hang_timeout is not None and not self.controls.get("paused"):
+                if dump_stacks_if_hung(self.ranks, now, self.hang_timeout):
+                    self.kill_at = now + STACK_DUMP_S  # time to print the stacks
         if self.kill_at is not None and now >= self.kill_at:
             for state in self.ranks:
                 if state.returncode is None:
-                    kill_group(state.process.pid)
+                    self._kill(state)
 
-    def _detect_hang(self, now: float) -> None:
-        if self.hang_timeout is None or self.controls.get("paused"):
-            return
-        live = [r for r in self.ranks if r.returncode is None and not r.finished]
-        # Before its first step a rank is starting up (imports, CUDA, data),
-        # which can take longer than any step.
-        hung = [
-            r
-            for r in live
-            if now - r.progress_at
-            > (self.hang_timeout if r.last_step >= 0 else max(self.hang_timeout, STARTUP_GRACE_S))
-        ]
-        if hung:
-            for state in hung:
-                state.hung = True
-            for state in live:  # faulthandler in each worker prints its stacks
-                signal_process(state.process.pid, signal.SIGUSR1)
-            self.kill_at = now + STACK_DUMP_S
+    def _kill(self, state: RankState) -> None:
+        """SIGKILL a rank's whole process group; if it was still running, ddlkit ended it."""
+        if state.returncode is None and state.process.poll() is None:
+            state.ended_by_ddlkit = True
+        kill_group(state.process.pid)
 
     def _end_ranks(self) -> None:
         """Kill what is left of this attempt's ranks and close what connects to them."""
+        for state in self.ranks:  # every group before waiting: no rank may see a peer die and exit by itself
+            self._kill(state)  # also reaches anything a worker started
         deadline = time.time() + 5.0
         for state in self.ranks:
-            kill_group(state.process.pid)  # also reaches anything a worker started
-            while state.process.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
+            wait_gone(state.process, max(deadline - time.time(), 0.0))
             if state.returncode is None:
                 state.returncode, state.ended_at = state.process.poll(), time.time()
         self.intake.end_attempt()

@@ -57,7 +57,8 @@ def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn
             reporter.send(events.Finished(type="finished"), now=True)
     except BaseException:
         text = traceback.format_exc()
-        sys.stderr.write(text)
+        if not reporter.to_kernel:  # the kernel shows it once, in RunFailed, and keeps it in rank<r>.log
+            sys.stderr.write(text)
         reporter.error(text)
     finally:
         reporter.close()
@@ -121,11 +122,20 @@ def main(argv: list[str] | None = None) -> NoReturn:
         run_dir = Path(os.environ.get("DDLKIT_RUN_DIR", "runs/standalone"))
         args = tuple(json.loads(os.environ.get("DDLKIT_ARGS", "[]")))
         serve(rank, run_dir, run_function(import_function(opts.function), args, rank, run_dir))
-    cfg = RunConfig.load(opts.config)
-    cfg.validate()
-    run_dir = Path(os.environ.get("DDLKIT_RUN_DIR") or Path(cfg.run_dir) / agreed_run_id())
+    if os.environ.get("DDLKIT_RUN_DIR"):  # started by ddlkit: even a config that fails here is reported
+        run_dir = Path(os.environ["DDLKIT_RUN_DIR"])
+        serve(rank, run_dir, lambda reporter: train(read_config(opts.config), reporter, run_dir))
+    cfg = read_config(opts.config)  # started by another launcher: the folder comes from the config
+    run_dir = Path(cfg.run_dir) / agreed_run_id()
     check_own_dir(make_dir(run_dir))  # private; refused if someone else made it
     if rank == 0 and not (run_dir / "config.json").exists():
         cfg.save(run_dir / "config.json")
         set_file_mode(run_dir / "config.json")
     serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))
+
+
+def read_config(path: str) -> RunConfig:
+    """The config file, checked as the kernel checked it."""
+    cfg = RunConfig.load(path)
+    cfg.validate()
+    return cfg

@@ -28,12 +28,14 @@ def faults_for(cfg: RunConfig, rank: int, attempt: int) -> dict[int, str]:
 
 
 def inject_fault(kind: str, step: int) -> None:
-    """Raise, exit, die by SIGKILL or hang, as ``kind`` says."""
+    """Raise, exit, die by SIGKILL, freeze (SIGSTOP) or hang, as ``kind`` says."""
     if kind == "exception":
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "exit":
         os._exit(3)
     if kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "sigstop":  # frozen, every thread: no step, no heartbeat
+        os.kill(os.getpid(), signal.SIGSTOP)
     while kind == "hang":
         time.sleep(1)

@@ -78,6 +78,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         held_out=held_out,
     )
     strategy.setup(ctx)
+    reporter.mark_started()  # every rank has joined the group: from here a rank without steps hangs
     summary = strategy.serve(ctx) if strategy.serves() else run_steps(ctx, strategy, spec)
     summary.update(strategy.finish(ctx))
     summary.update(NETWORK.totals())
@@ -144,13 +145,16 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
             reporter.last_step = step  # progress for the hang detector, no event
         ctx.evaluate(steps_done, strategy, everyone=spec.lockstep)
         if checkpoints and checkpoints.due(steps_done) and steps_done < cfg.steps:
+            reporter.flush()  # this rank's rows go out before the checkpoint can make them unredoable
             checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     train_s = time.perf_counter() - started
     stopped = steps_done < cfg.steps
     if stopped:
         ctx.evaluate(steps_done, strategy, everyone=spec.lockstep, stopped=True)
-    if stopped and checkpoints and cfg.checkpoint_every is not None and not checkpoints.due(steps_done):
-        checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)  # keep this step's state
+    # Stopped at a step: keep its state if a relaunch asked (it goes on from it) or checkpoints are on.
+    keep = ctx.controls.current.save or cfg.checkpoint_every is not None
+    if stopped and checkpoints and keep and not checkpoints.due(steps_done):
+        checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     samples = (steps_done - first_step) * cfg.batch_size * spec.accumulation(cfg) * strategy.dp_size
     return {"steps": steps_done, "samples": samples, "train_s": train_s, "stopped": stopped}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from ..files import make_dir, open_private
 
 HEARTBEAT_S = 1.0
 FLUSH_S = 0.1
+# Code in which a blocked main thread waits for its peers (collectives, send/recv, DDP's backward).
+COMMUNICATION = tuple(f"{os.sep}torch{os.sep}{part}{os.sep}" for part in ("distributed", "autograd"))
 
 _active: Reporter | None = None
 
@@ -60,6 +63,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._pending: deque[dict[str, Any]] = deque()  # append and popleft are atomic
         self.last_step = -1
+        self.started = False  # past start-up: the rank loop runs
         self._flushed_at = 0.0
         self._parent = os.getppid()
         self._closing = False
@@ -81,6 +85,11 @@ class Reporter:
             return cls(rank, conn=conn)
         make_dir(run_dir)
         return cls(rank, file=run_dir / f"events-rank{rank}.jsonl")
+
+    @property
+    def to_kernel(self) -> bool:
+        """Events go to a kernel (ddlkit's launcher), not to a file."""
+        return self._conn is not None
 
     def activate(self) -> None:
         global _active
@@ -107,6 +116,14 @@ class Reporter:
         self.last_step = self.last_step + 1 if step is None else int(step)
         # any keys a launched function logs, beside those the schema names
         self.send(cast(events.Step, {"type": "step", "step": self.last_step, **values}))
+
+    def mark_started(self) -> None:
+        """Start-up is over (the group is formed, the model built): the hang timeout applies from now."""
+        self.started = True
+        self.send(self._beat(), now=True)
+
+    def _beat(self) -> events.Beat:
+        return events.Beat(type="beat", step=self.last_step, started=self.started, waiting=main_thread_waiting())
 
     def error(self, traceback_text: str) -> None:
         self.send(events.Error(type="error", traceback=traceback_text), now=True)
@@ -147,7 +164,7 @@ class Reporter:
                     next_beat += HEARTBEAT_S
                     if os.getppid() != self._parent:
                         os._exit(1)
-                    self.send(events.Beat(type="beat", step=self.last_step))
+                    self.send(self._beat())
                 self.flush()
             except (OSError, ValueError):  # kernel gone, or closed at exit
                 os._exit(1)
@@ -161,8 +178,22 @@ class Reporter:
                     os._exit(1)
                 return
             if message.get("type") == "control":
-                changes = from_json({k: v for k, v in message.items() if k != "type"})
+                # A replay (what was changed before this rank or attempt started) is in force from the
+                # start, like the config's settings: not a change to report (it would mark the curve again).
+                replay = message.get("replay") and self._control_version == 0
+                changes = from_json({k: v for k, v in message.items() if k not in ("type", "replay")})
                 knobs = {**self._controls.get("knobs", {}), **changes.pop("knobs", {})}
                 self._controls = {**self._controls, **changes, "knobs": knobs}
-                self._control_version += 1
+                self._control_version += 0 if replay else 1
                 self._control_changed.set()
+
+
+def main_thread_waiting() -> bool:
+    """Whether the main thread is inside torch's communication code: blocked
+    there, it waits for a peer; blocked anywhere else, it is the one that hangs."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in COMMUNICATION):
+            return True
+        frame = frame.f_back
+    return False

@@ -145,9 +145,8 @@ class Strategy(Protocol):
         ...
 
     def set_lr(self, lr: float) -> None:
-        """All ranks of a lockstep strategy call it at the same step."""
-        assert self.optimizer is not None
-        for group in self.optimizer.param_groups:
+        """All ranks of a lockstep strategy call it at the same step (one that updates nothing has no lr)."""
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
             group["lr"] = lr
 
     def setup(self, ctx: RankContext) -> None:

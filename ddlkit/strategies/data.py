@@ -27,6 +27,7 @@ from ..models import loss_fn
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
 from . import compression
+from .state import WholeState
 
 
 class CommTimer:
@@ -47,7 +48,7 @@ class CommTimer:
         return self.inner(self.state, bucket).then(done)
 
 
-class DataParallel(Strategy):
+class DataParallel(WholeState, Strategy):
     def __init__(
         self, cfg: RunConfig, accelerator: Any, model: torch.nn.Module, task: str, make_optimizer: OptimizerFactory
     ):
@@ -84,14 +85,6 @@ class DataParallel(Strategy):
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
 
 def one_process(cfg: RunConfig) -> None:
     if cfg.world_size != 1:
@@ -108,6 +101,7 @@ register(
         "one process, plain training: the reference every strategy is compared with",
         layout=one_process,
         checkpoint="consolidated",
+        portable=True,
         position=0,
     )
 )
@@ -139,6 +133,7 @@ register(
         ),
         layout=data_layout,
         checkpoint="consolidated",
+        portable=True,
         position=1,
         accumulation=accumulation,
     )

@@ -30,6 +30,7 @@ from ..models import CharTransformer
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy, local_step
 from ..registry import StrategySpec, register
 from .sharding import full_state_dict
+from .state import WholeState
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -40,7 +41,7 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in model.children() if any(True for _ in layer.parameters())]
 
 
-class FullyShardedDataParallel(Strategy):
+class FullyShardedDataParallel(WholeState, Strategy):
     def __init__(self, dp_mesh: DeviceMesh, model: nn.Module, task: str, make_optimizer: OptimizerFactory):
         self.task = task
         for block in shard_units(model):
@@ -84,5 +85,7 @@ register(
         "parameters, gradients and optimizer state per rank",
         layout=layout,
         position=6,
+        checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
     )
 )

@@ -68,6 +68,8 @@ register(
         knobs=(DP, PP, TP, *PIPELINE_KNOBS),
         layout=layout,
         dp_size=lambda cfg: cfg.dp,
+        checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
         position=7,
     )
 )

@@ -43,6 +43,7 @@ from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
 from .sharding import average_gradients
 from .stages import LAYERS, balanced_cuts, pipeline_layers
+from .state import gathered, load_whole_state
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
@@ -79,7 +80,9 @@ class PipelineParallel(Strategy):
         ]
         self.last_stage_rank = dist.get_global_rank(self.pp_group, (num_stages - 1) % self.pp_size)
         self.params = [p for stage in self.stages for p in stage.submod.parameters()]
-        self.optimizer = make_optimizer(self.params)
+        # A stage of parameter-free layers only (e.g. the cnn's first, a reshape) passes
+        # activations and gradients on and has nothing to update.
+        self.optimizer = make_optimizer(self.params) if self.params else None
 
         self.spans: list[events.Span] = []
         for stage in self.stages:
@@ -138,8 +141,9 @@ class PipelineParallel(Strategy):
         # Phase 2: hybrid dp x pp: average each stage's gradients over its replicas.
         comm_s = average_gradients(self.params, self.dp_group)
         # Phase 3: every stage updates its own parameters.
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         # Only the last stage knows the loss: it tells the other stages.
         loss = torch.stack(losses).mean().detach() if holds_last else torch.zeros(())
         dist.broadcast(loss, src=self.last_stage_rank, group=self.pp_group)
@@ -158,6 +162,14 @@ class PipelineParallel(Strategy):
         dist.all_gather_object(gathered, mine, group=self.pp_group)
         merged = {name: t for part in gathered for name, t in (part or {}).items()}
         return {name: merged[name] for name in self.model.state_dict()}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The stages' parameters and optimizer state gathered under the
+        single-process names (``strategies/state.py``): any strategy goes on from it."""
+        return gathered(self.model, self.optimizer, self.pp_group)
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        load_whole_state(self.model, self.optimizer, state)  # the optimizer takes its stages' part
 
 
 def build(
@@ -199,7 +211,12 @@ def check_stages(cfg: RunConfig) -> None:
 
 
 def layout(cfg: RunConfig) -> None:
-    if cfg.pp != cfg.world_size or cfg.pp < 2:
+    if cfg.world_size < 2:
+        raise ValueError(
+            f"world_size={cfg.world_size} is invalid for strategy='pipeline': one stage per rank, "
+            "and a pipeline has at least 2 stages (strategy='single' for one process)"
+        )
+    if cfg.pp != cfg.world_size:
         raise ValueError(
             f"pp={cfg.pp} is invalid for strategy='pipeline' with world_size={cfg.world_size}: "
             f"one stage per rank, so pp must equal world_size (>= 2) "
@@ -236,6 +253,9 @@ register(
         knobs=(PP, *PIPELINE_KNOBS),
         layout=layout,
         dp_size=lambda cfg: 1,
+        derived=lambda cfg: {"pp": cfg.world_size},  # one stage per rank
+        checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
         position=4,
     )
 )

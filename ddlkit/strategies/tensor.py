@@ -32,6 +32,7 @@ from ..models import LM_HEADS, CharTransformer, loss_fn
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
 from .sharding import average_gradients, full_state_dict
+from .state import WholeState
 
 
 def megatron_plan(model: nn.Module) -> dict[str, ParallelStyle]:
@@ -56,7 +57,7 @@ def megatron_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     return {name: style for col, row in pairs for name, style in ((col, ColwiseParallel()), (row, RowwiseParallel()))}
 
 
-class TensorParallel(Strategy):
+class TensorParallel(WholeState, Strategy):
     def __init__(
         self,
         cfg: RunConfig,
@@ -111,7 +112,12 @@ def check_split(cfg: RunConfig) -> None:
 
 
 def layout(cfg: RunConfig) -> None:
-    if cfg.tp != cfg.world_size or cfg.tp < 2:
+    if cfg.world_size < 2:
+        raise ValueError(
+            f"world_size={cfg.world_size} is invalid for strategy='tensor': every rank holds a slice, "
+            "so world_size >= 2 (strategy='single' for one process)"
+        )
+    if cfg.tp != cfg.world_size:
         raise ValueError(
             f"tp={cfg.tp} is invalid for strategy='tensor' with world_size={cfg.world_size}: "
             f"tp must equal world_size (>= 2) (strategy='hybrid' combines tp with dp)"
@@ -129,6 +135,9 @@ register(
         knobs=(TP,),
         layout=layout,
         dp_size=lambda cfg: 1,
+        derived=lambda cfg: {"tp": cfg.world_size},  # every rank a slice
+        checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it
+        portable=True,
         position=5,
     )
 )

@@ -22,6 +22,7 @@ from ..kernel.run import Run
 from ..knobs import Widget
 from . import fields
 from .dashboard import Dashboard
+from .relayout import LayoutWidgets
 
 LR_SEND_S = 0.25  # the slider sends at most this often while dragged; the last value always arrives
 
@@ -60,9 +61,10 @@ class ControlPanel:
         self.hints["network"] = fields.NETWORK
         self.network.observe(lambda _: self._validate(), "value")
         self.network.observe(lambda _: self._send_knob("network"), "value")
-        self.dashboard_box = widgets.Box()
+        self.dashboard_box = widgets.VBox(layout=widgets.Layout(width="100%"))
         for name, hint in fields.COMMON.items():
             self._add_field(name, hint)
+        self.layout = LayoutWidgets(self.fields, self.show_error)
         self.run_button.on_click(lambda _: self.start())
         self.pause_button.on_click(lambda _: self.toggle_pause())
         self.stop_button.on_click(lambda _: self.stop())
@@ -137,16 +139,17 @@ class ControlPanel:
         validation message, if it is invalid) and show its dashboard."""
         problem = self.check()
         if problem is not None:
-            self._show_error(f"not started: {problem}")
+            self.show_error(f"not started: {problem}")
             return None
         if self.run is not None and self.run.live:
-            self._show_error("a run is going: stop it first")
+            self.show_error("a run is going: stop it first")
             return None
         if self.dashboard is not None:
             self.dashboard.close()
         config = self.config()
         self._slowdown_sent = dict(config.slowdown or {})
-        self._show_error(None)
+        self.layout.start(config)
+        self.show_error(None)
         self._lr_sent = config.lr
         self.progress.max, self.progress.value = registry.get(config.strategy).length(config), 0
         self.run = launch(config, echo=False)
@@ -154,7 +157,7 @@ class ControlPanel:
         self._set_buttons(live=True)
         self.dashboard = Dashboard(self.run)
         self.dashboard.on_refresh(self._on_refresh)
-        self.dashboard_box.children = [self.dashboard.figure]
+        self.dashboard_box.children = [self.dashboard.widget]
         return self.run
 
     def toggle_pause(self) -> None:
@@ -168,8 +171,9 @@ class ControlPanel:
             self.pause_button.description, self.pause_button.icon = "Pause", "pause"
 
     def stop(self) -> None:
-        if self.run is not None:
+        if self.run is not None and self.run.live:
             self.run.stop()
+            self.show_error(None)  # a refusal about the run that was going is no longer news
             if self.dashboard is not None:
                 self.dashboard.join(5)  # its last refresh shows the stopped run
 
@@ -215,20 +219,14 @@ class ControlPanel:
             self.status.value = "ready" if self.run is None else self._describe(self.run)
 
     def _relayout(self) -> None:
-        """A new world size or strategy during a run: the run checkpoints,
-        stops and goes on in the new layout (``Run.relaunch``); refusals (an
-        invalid layout, no checkpoints) show in the error box."""
-        if self.run is None or not self.run.live:
-            return
-        problem = self.check()
-        try:
-            if problem is not None:
-                raise ValueError(problem)
-            self.run.relaunch(world_size=self.fields["world_size"].value, strategy=self.fields["strategy"].value)
-        except (ValueError, RuntimeError) as error:
-            self._show_error(f"layout not changed: {error}")
-            return
-        self._show_error(None)
+        """A new world size or strategy during a run relaunches it (``ddlkit.view.relayout``)."""
+        if self.run is not None and self.run.live:
+            self.layout.changed(self.run, self._valid_config)
+
+    def _valid_config(self) -> RunConfig:
+        config = self.config()
+        config.validate()
+        return config
 
     def _straggler_changed(self, _change: dict[str, Any]) -> None:
         """Before a run: part of the config (validated). During one: sent live;
@@ -248,7 +246,7 @@ class ControlPanel:
         try:
             self.run.control(**{name: fields.value_of(self.hints[name], self.fields[name])})
         except (ValueError, RuntimeError) as error:  # invalid, or the run ended meanwhile
-            self._show_error(f"not changed: {error}")
+            self.show_error(f"not changed: {error}")
 
     def _lr_moved(self, change: dict[str, Any]) -> None:
         """While a run goes, the slider steers its learning rate: sent at once if
@@ -272,12 +270,13 @@ class ControlPanel:
         if run is not self.run:
             return
         self._send_lr()
+        self.layout.follow(run)
         self.progress.value = min(run.steps_done, self.progress.max)
         self.status.value = self._describe(run)
         if not run.live:
             self._set_buttons(live=False)
             if run.status == "failed":
-                self._show_error(run.error or "failed")
+                self.show_error(run.error or "failed")
 
     def _describe(self, run: Run) -> str:
         text = f"run <code>{run.id}</code>: <b>{run.status}</b>, step {run.steps_done}/{self.progress.max}"
@@ -289,7 +288,7 @@ class ControlPanel:
         self.pause_button.disabled = not live
         self.stop_button.disabled = not live
 
-    def _show_error(self, text: str | None) -> None:
+    def show_error(self, text: str | None) -> None:
         self.error.value = (
             ""
             if text is None

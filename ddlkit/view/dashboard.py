@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 
 from ..kernel.run import Run
 from . import figures
+from .fit import filling
 
 REFRESH_S = 0.25
 # A dashboard opened on a long run catches up over several refreshes rather than in one
@@ -58,6 +59,7 @@ class Dashboard:
         self._signature: tuple | None = None
         self._lock = threading.Lock()  # the timer thread and a caller's refresh() never interleave
         self._closed = threading.Event()
+        self.widget = filling(self.figure)  # what a notebook shows: the figure, as wide as the output
         self.refresh()
         self._thread: threading.Thread | None = None
         if not self._done():
@@ -105,9 +107,10 @@ class Dashboard:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.figure)
+        display(self.widget)
 
     # ---- internals ----------------------------------------------------------
+
     def _all_data(self) -> list[figures.RunData]:
         base = self.context.baseline
         return self.data + ([base] if base is not None and base not in self.data else [])
@@ -118,12 +121,16 @@ class Dashboard:
 
     def _loop(self) -> None:
         while not self._closed.wait(self.interval):
+            # Whether the runs had ended is read BEFORE the refresh: a run that
+            # ends during a refresh gets one more, so its final status ("stopped",
+            # "done") is drawn in the title, never a stale "running".
+            ended = all(data.ended() for data in self._all_data())
             try:
                 self.refresh()
             except Exception as exc:  # a drawing bug must not pass silently, nor kill the run
                 self.figure.layout.title = f"dashboard stopped: {type(exc).__name__}: {exc}"
                 raise
-            if self._done():
+            if ended and self._done():
                 return
 
     def _redraw(self, title: str) -> None:

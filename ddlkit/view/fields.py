@@ -14,37 +14,52 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .. import registry
-from ..config import DATASETS, MODELS, RunConfig
+from .. import common, registry
+from ..config import RunConfig
 from ..knobs import Widget
 from ..network import PRESETS, name_of
 
-# The fields every experiment has, as the panel's first two rows.
-COMMON = {
-    "strategy": Widget("choice", "strategy"),  # its options: the registry's strategies
-    "world_size": Widget("int", "world size", 1, 64),
-    "model": Widget("choice", "model", options=MODELS),
-    "dataset": Widget("choice", "dataset", options=DATASETS),
-    "batch_size": Widget("int", "batch / rank", 1, 65_536),
-    "steps": Widget("int", "steps", 1, 1_000_000),
-    "lr": Widget("float", "lr", 1e-4, 1.0),  # a log slider
-}
+# The common fields the panel shows, as its first two rows (widgets: ddlkit.common).
+ROWS = (("strategy", "world_size", "model", "dataset"), ("batch_size", "steps", "lr"))
+COMMON = {name: hint for row in ROWS for name in row if (hint := common.COMMON[name].widget) is not None}
 NETWORK = Widget("choice", "network", options=tuple(PRESETS))  # a config's own dict joins the menu's options
-# Checkpoints make a run resizable live (0: none, the field's None).
-CHECKPOINTS = Widget("int", "checkpoint every (0: off)", 0, 1_000_000, none_as=0)
 
 
 def fields_of(cfg: RunConfig) -> list[tuple[str, Widget]]:
-    """The strategy's own fields with a widget, for the panel's knob row."""
+    """The strategy's own fields with a widget, for the panel's knob row (not
+    those it derives: a pipeline's pp is its world size)."""
     spec = registry.get(cfg.strategy)
-    own = [(knob.name, knob.widget) for knob in spec.knobs if knob.widget is not None]
-    return own + ([("checkpoint_every", CHECKPOINTS)] if spec.checkpoint else [])
+    derived = spec.derived(cfg)
+    own = [(knob.name, knob.widget) for knob in spec.knobs if knob.widget is not None and knob.name not in derived]
+    checkpoints = common.COMMON["checkpoint_every"].widget
+    return own + ([("checkpoint_every", checkpoints)] if spec.checkpoint and checkpoints else [])
+
+
+LABEL_PX_PER_CHAR = 7  # JupyterLab's widget label font, with a margin
+INPUT_PX = 110  # what is left for the value: a number of 7 digits, or a choice's name
+
+
+def names_of(cfg: RunConfig) -> list[str]:
+    """The strategy's knobs the panel shows (a relaunch passes them on)."""
+    return [name for name, _ in fields_of(cfg)]
+
+
+def width_for(label: str) -> str:
+    """A widget's CSS width: its label's, plus room to see and type the value
+    (a fixed width left a long label's box ~10 px wide).
+
+    >>> width_for("steps"), width_for("checkpoint every (0: off)")
+    ('190px', '285px')
+    """
+    return f"{max(190, LABEL_PX_PER_CHAR * len(label) + INPUT_PX)}px"
 
 
 def make(name: str, hint: Widget, value: Any) -> widgets.ValueWidget:
-    """The widget for one field, showing ``value``."""
+    """The widget for one field, showing ``value``. Numbers are plain text
+    boxes, not bounded ones: a bounded box silently clamps a bad value (world
+    size 0 became 1), this way the panel's validation shows the refusal."""
     shown = hint.none_as if value is None else value
-    style, width = {"description_width": "initial"}, widgets.Layout(width="190px")
+    style, width = {"description_width": "initial"}, widgets.Layout(width=width_for(hint.label))
     if hint.kind == "choice":
         options = registry.names() if name == "strategy" else list(hint.options)
         return widgets.Dropdown(value=shown, options=options, description=hint.label, style=style, layout=width)
@@ -61,8 +76,8 @@ def make(name: str, hint: Widget, value: Any) -> widgets.ValueWidget:
             description=hint.label,
             continuous_update=True,
         )
-    kind = widgets.BoundedIntText if hint.kind == "int" else widgets.BoundedFloatText
-    return kind(value=shown, min=hint.low, max=hint.high, description=hint.label, style=style, layout=width)
+    kind = widgets.IntText if hint.kind == "int" else widgets.FloatText
+    return kind(value=shown, description=hint.label, style=style, layout=width)
 
 
 def value_of(hint: Widget, widget: widgets.ValueWidget) -> Any:

@@ -19,8 +19,13 @@ from plotly.subplots import make_subplots
 
 from ..files import write_atomic
 from ..kernel.run import Run
+from .legends import legends_per_panel
 from .panels import Context, Panel, active_panels, panel_traces
 from .rundata import COLORS, RunData
+
+PANEL_PX = 330  # the height of a row of panels
+TOP_PX = 86  # above the first row: the figure's title, then the first row's panel titles
+BOTTOM_PX = 50
 
 
 def build_figure(
@@ -32,28 +37,35 @@ def build_figure(
     figure: go.Figure | None = None,
 ) -> go.Figure:
     """Lay the panels out two per row and add their traces; into ``figure``
-    (a FigureWidget, say) if given, replacing what it held."""
+    (a FigureWidget, say) if given, replacing what it held. The figure's
+    width is left to the page (it fills the output); each panel with more than
+    one trace gets its own legend, in its top-right corner, so no legend
+    competes with a title for the space above the panels."""
     rows = max(1, math.ceil(len(panels) / 2))
+    height = PANEL_PX * rows + TOP_PX + BOTTOM_PX
     layout = make_subplots(
         rows=rows,
         cols=2,
         subplot_titles=[p.title for p in panels],
-        vertical_spacing=min(0.12, 0.35 / rows),
-        horizontal_spacing=0.1,
+        vertical_spacing=min(0.3, 110 / height),  # room for x-axis titles and the next row's panel titles
+        horizontal_spacing=0.09,
     )
-    for index, (panel, panel_traces_) in enumerate(zip(panels, traces, strict=True)):
-        row, col = index // 2 + 1, index % 2 + 1
-        for trace in panel_traces_:
-            layout.add_trace(trace, row=row, col=col)
+    places = [(index // 2 + 1, index % 2 + 1) for index in range(len(panels))]
+    legends_per_panel(
+        layout, [(row, col, panel_traces_) for (row, col), panel_traces_ in zip(places, traces, strict=True)]
+    )
+    for (row, col), panel in zip(places, panels, strict=True):
         layout.update_xaxes(title_text=panel.x_title, row=row, col=col)
-        layout.update_yaxes(title_text=panel.y_title, row=row, col=col)
+        layout.update_yaxes(title_text=panel.y_title, row=row, col=col, **panel.y_axis)
     layout.update_layout(
-        title=title,
-        height=330 * rows + 80,
+        title={"text": title, "x": 0.01, "xanchor": "left", "y": 1, "yref": "container", "yanchor": "top"},
+        title_pad={"t": 10},
+        title_font_size=15,
+        height=height,
         barmode="overlay",
         uirevision="ddlkit",
-        margin={"t": 90, "b": 40, "l": 60, "r": 20},
-        legend={"orientation": "h", "y": 1.06},
+        margin={"t": TOP_PX, "b": BOTTOM_PX, "l": 60, "r": 20},
+        uniformtext={"minsize": 9, "mode": "hide"},  # text that would be smaller than 9 px is dropped, not squeezed
     )
     layout.update_annotations(font_size=12)
     if figure is None:
@@ -66,7 +78,11 @@ def build_figure(
 
 
 def title_of(runs: list[RunData]) -> str:
-    return " | ".join(f"run {d.label} ({d.run.status})" for d in runs)
+    return " | ".join(f"run {d.run.id} · {ranks(d.run.world_size)} ({d.run.status})" for d in runs)
+
+
+def ranks(count: int) -> str:
+    return f"{count} rank{'s' if count != 1 else ''}"
 
 
 def figure(runs: list[Run] | Run, baseline: Run | None = None, keys: list[str] | None = None) -> go.Figure:
@@ -74,7 +90,7 @@ def figure(runs: list[Run] | Run, baseline: Run | None = None, keys: list[str] |
 
     >>> run = Run.from_events([{"type": "step", "rank": 0, "step": 0, "time": 1.0, "loss": 2.0}])
     >>> [annotation.text for annotation in figure(run, keys=["loss_step"]).layout.annotations]
-    ['loss vs step (ranks faint, mean bold, ▼ control applied)']
+    ['loss vs step (ranks faint, mean bold)']
     """
     data, ctx = load(runs, baseline)
     panels = active_panels(data, ctx, keys)

@@ -12,13 +12,13 @@ when the panel has anything to show. Adding a panel is adding one entry.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..kernel.run import Run
 from . import federated, staleness, timeline
 from .rundata import Context, RunData
-from .traces import TraceFunction, breakdown, emulates, loss, memory, network, speedup, throughput
+from .traces import TraceFunction, breakdown, emulates, loss, memory, network, series_name, speedup, throughput
 
 
 @dataclass
@@ -31,11 +31,22 @@ class Panel:
     when: Callable[[list[RunData], Context], bool] = lambda runs, ctx: True
     x_title: str = ""
     y_title: str = ""
+    y_axis: dict[str, Any] = field(default_factory=dict)  # more y-axis settings (a Gantt chart's categories)
 
 
 def per_run(traces: Callable[[Run], list[Any]]) -> TraceFunction:
-    """Adapt a helper's ``traces(run) -> list of traces`` to a panel."""
-    return lambda runs, ctx: [trace for data in runs for trace in traces(data.run)]
+    """Adapt a helper's ``traces(run) -> list of traces`` to a panel (several
+    runs: each trace's name says its run)."""
+
+    def panel(runs: list[RunData], ctx: Context) -> list[Any]:
+        out = []
+        for data in runs:
+            for trace in traces(data.run):
+                plain = trace if isinstance(trace, dict) else trace.to_plotly_json()
+                out.append({**plain, "name": series_name(data, runs, str(plain.get("name", "")))})
+        return out
+
+    return panel
 
 
 def has_events(kind: str) -> Callable[[list[RunData], Context], bool]:
@@ -46,7 +57,7 @@ def has_events(kind: str) -> Callable[[list[RunData], Context], bool]:
 PANELS: list[Panel] = [
     Panel(
         "loss_step",
-        "loss vs step (ranks faint, mean bold, ▼ control applied)",
+        "loss vs step (ranks faint, mean bold)",
         loss("step"),
         x_title="step",
         y_title="loss",
@@ -55,7 +66,7 @@ PANELS: list[Panel] = [
     Panel("throughput", "throughput (samples/s, all ranks)", throughput, x_title="step", y_title="samples/s"),
     Panel(
         "breakdown",
-        "time per step: compute / comm / wait (dark to light)",
+        "time per step: compute, communication, waiting",
         breakdown,
         x_title="step",
         y_title="seconds",
@@ -78,9 +89,10 @@ PANELS: list[Panel] = [
     ),
     Panel(
         "memory",
-        "memory per rank (MiB: params, grads, optimizer, activations)",
+        "memory per rank (MiB)",
         memory,
         when=has_events("memory"),
+        x_title="rank",
         y_title="MiB",
     ),
     Panel(
@@ -90,11 +102,13 @@ PANELS: list[Panel] = [
         when=has_events("span"),
         x_title="seconds since launch",
         y_title="stage · rank",
+        # every stage's row named, the first stage on top
+        y_axis={"type": "category", "categoryorder": "category ascending", "autorange": "reversed", "dtick": 1},
     ),
     Panel(
         "staleness",
         "gradient staleness of applied updates",
-        per_run(staleness.histogram_traces),
+        staleness.histogram_panel,
         when=has_events("update"),
         x_title="staleness (updates missed)",
         y_title="updates",
@@ -102,7 +116,7 @@ PANELS: list[Panel] = [
     Panel(
         "staleness_time",
         "staleness over time, per worker",
-        per_run(staleness.over_time_traces),
+        staleness.over_time_panel,
         when=has_events("update"),
         x_title="seconds since launch",
         y_title="staleness",

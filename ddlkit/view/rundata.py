@@ -21,13 +21,25 @@ import numpy as np
 
 from ..kernel.run import Run
 
-MAX_POINTS = 1000  # per trace sent to the browser
+MAX_POINTS = 600  # per trace sent to the browser: a panel is 400-600 px wide
 RECENT_POINTS = 200  # the newest points of a trace are never thinned
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 TIMES = ("compute_s", "comm_s", "wait_s")
 MODELLED = ("network_s",)  # seconds the emulated network's model added (ddlkit.rank.emulated)
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes")
 KEPT = ("eval", "round", "partition")  # events panels draw one point or bar each: kept as they are
+
+
+def tint(color: str, shade: float) -> str:
+    """``color`` (#rrggbb) mixed with white: ``shade`` 1 is the colour, 0 white.
+    Shades of a run's colour tell stacked parts apart (in the legend too,
+    which opacity would not).
+
+    >>> tint("#1f77b4", 1.0), tint("#000000", 0.5)
+    ('#1f77b4', '#808080')
+    """
+    rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(255 - (255 - c) * shade):02x}" for c in rgb)
 
 
 # ---- incremental data ------------------------------------------------------
@@ -82,22 +94,25 @@ class RunData:
     def __init__(self, run: Run, color: str = COLORS[0], read: bool = True, name: str | None = None):
         self.run = run
         self.color = color
-        self.name = name  # what legends call the run (default: its id and size)
+        self.name = name  # what legends call the run (default: its id's last part and its ranks)
         self.cursor = 0  # events read so far
         self.ranks: dict[int, dict[str, _Column]] = {}  # rank -> step, time, loss
         self.per_step = _PerStep()
         self.event_counts: dict[str, int] = {}
         self.markers: list[dict[str, Any]] = []  # control and control_request events
         self.memory: dict[int, dict[str, float]] = {}  # rank -> bytes by kind
+        self.layouts: list[tuple[int, int]] = []  # (from step, ranks) of each layout the run had, once it changed
         self.kept: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KEPT}
         if read:
             self.update()
 
     @property
     def label(self) -> str:
+        """Short, for legends: its name, or the run id's last part (its random suffix) and the ranks."""
         if self.name is not None:
             return self.name
-        return f"{self.run.id} · {self.run.world_size} rank{'s' if self.run.world_size > 1 else ''}"
+        short = self.run.id.rsplit("-", 1)[-1]
+        return f"{short} · {self.run.world_size} rank{'s' if self.run.world_size != 1 else ''}"
 
     def update(self, limit: int | None = None) -> int:
         """Read the new events (at most ``limit``); returns how many were read."""
@@ -128,6 +143,10 @@ class RunData:
                 self.markers.append(event)
             elif kind == "memory":
                 self.memory[event["rank"]] = {name: float(event.get(name, 0.0)) for name in MEMORY}
+            elif kind == "layout":  # a relaunch: from its step on, a step is complete with its ranks
+                first = len(set(self.ranks) | {int(r) for r in columns["rank"]})  # the ranks of the first layout
+                self.layouts += [(0, first)] if not self.layouts else []
+                self.layouts.append((event["from_step"], event["world_size"]))
             elif kind in KEPT:
                 self.kept[kind].append(event)
         if columns["step"]:
@@ -145,9 +164,24 @@ class RunData:
 
     # ---- derived series, cheap enough for every refresh ---------------------
     def steps(self, complete: bool = False) -> np.ndarray:
-        """Steps some rank logged (``complete``: every rank seen so far logged)."""
+        """Steps some rank logged (``complete``: every rank of the step's layout
+        logged: all seen so far, or, after a relaunch, as many as its layout has).
+
+        >>> run = Run.from_events([{"type": "step", "rank": r, "step": s, "time": 1.0, "loss": 1.0}
+        ...                        for s, ranks in ((0, (0, 1)), (1, (0, 1)), (2, (0,))) for r in ranks])
+        >>> RunData(run).steps(complete=True).tolist()
+        [0, 1]
+        >>> run.record([{"type": "layout", "from_step": 2, "world_size": 1, "strategy": "data", "batch_size": 2}])
+        >>> RunData(run).steps(complete=True).tolist()  # step 2 ran on one rank: it is complete
+        [0, 1, 2]
+        """
         count = self.per_step.arrays["count"]
-        return np.flatnonzero(count >= (max(len(self.ranks), 1) if complete else 1))
+        if not complete:
+            return np.flatnonzero(count >= 1)
+        expected = np.full(len(count), max(len(self.ranks), 1))
+        for start, ranks in self.layouts:
+            expected[start:] = ranks
+        return np.flatnonzero((count >= expected) & (count >= 1))
 
     def mean(self, name: str, steps: np.ndarray) -> np.ndarray:
         a = self.per_step.arrays

@@ -2,9 +2,9 @@
 
 Pure functions of a run's events and metrics (``update`` events of parameter
 servers and hogwild ranks, ``step`` rows of workers: see docs/events.md).
-``traces(run)`` is the dashboard panel: a staleness histogram (axes x, y)
-and staleness over time per worker (axes x2, y2); ``figure(run)`` lays it
-out on its own.
+``histogram_panel`` and ``over_time_panel`` are the dashboard's two
+staleness panels (several runs compared side by side); ``figure(run)`` lays
+them out on their own.
 
 >>> update = {"type": "update", "rank": 0, "time": 1.5, "worker": 1, "step": 4, "read_version": 3,
 ...           "applied_version": 5, "staleness": 2, "dropped": False}
@@ -14,12 +14,18 @@ out on its own.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..kernel.run import Run
+from .legends import legends_per_panel
+from .rundata import COLORS, Context, RunData, tint
+from .traces import series_name
 
+DASHES = ["solid", "dot", "dash", "dashdot"]
 COLUMNS = ["time", "server", "worker", "step", "read_version", "applied_version", "staleness", "dropped"]
 
 
@@ -81,36 +87,83 @@ def rank_activity(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rank", "role", "steps", "steps_per_s", "idle_s"])
 
 
-def histogram_traces(run: Run) -> list[go.BaseTraceType]:
-    """Dashboard panel: how many applied (and dropped) updates had each staleness."""
-    counts = histogram(staleness_table(run))
-    out: list[go.BaseTraceType] = [
-        go.Bar(x=counts["staleness"], y=counts["applied"], name="applied updates", opacity=0.8)
-    ]
-    if not counts.empty and counts["dropped"].sum():
-        out.append(go.Bar(x=counts["staleness"], y=counts["dropped"], name="dropped", opacity=0.8))
+def histogram_panel(runs: list[RunData], ctx: Context) -> list[dict[str, Any]]:
+    """Dashboard panel: how many applied (and, stacked on them, dropped)
+    updates had each staleness; several runs side by side, each in its colour."""
+    out: list[dict[str, Any]] = []
+    width = 0.8 / max(len(runs), 1)
+    for index, data in enumerate(runs):
+        counts = histogram(staleness_table(data.run))
+        bars = {"type": "bar", "x": counts["staleness"].to_numpy(), "width": width, "offset": -0.4 + index * width}
+        applied = counts["applied"].to_numpy()
+        out.append(
+            {
+                **bars,
+                "y": applied,
+                "name": series_name(data, runs, "applied updates"),
+                "legendgroup": data.run.id,
+                "marker": {"color": data.color},
+            }
+        )
+        if not counts.empty and counts["dropped"].sum():
+            out.append(
+                {
+                    **bars,
+                    "y": counts["dropped"].to_numpy(),
+                    "base": applied,
+                    "name": series_name(data, runs, "dropped"),
+                    "legendgroup": data.run.id,
+                    "marker": {"color": tint(data.color, 0.35)},
+                }
+            )
     return out
 
 
-def over_time_traces(run: Run) -> list[go.BaseTraceType]:
-    """Dashboard panel: the staleness of each worker's applied updates over time."""
-    return [
-        go.Scatter(
-            x=rows["time"], y=rows["staleness"], mode="lines+markers", name=f"worker {worker}", line={"shape": "hv"}
-        )
-        for worker, rows in per_worker(staleness_table(run)).items()
-    ]
+def over_time_panel(runs: list[RunData], ctx: Context) -> list[dict[str, Any]]:
+    """Dashboard panel: the staleness of each worker's applied updates over
+    time (several runs: each in its colour, workers by dash)."""
+    out = []
+    for data in runs:
+        for dash, (worker, rows) in zip(DASHES * 64, per_worker(staleness_table(data.run)).items(), strict=False):
+            line = {"shape": "hv", **({"color": data.color, "dash": dash} if len(runs) > 1 else {})}
+            out.append(
+                {
+                    "type": "scatter",
+                    "x": rows["time"].to_numpy(),
+                    "y": rows["staleness"].to_numpy(),
+                    "mode": "lines+markers",
+                    "name": series_name(data, runs, f"worker {worker}"),
+                    "legendgroup": data.run.id,
+                    "line": line,
+                }
+            )
+    return out
 
 
-def figure(run: Run) -> go.Figure:
-    """Both staleness panels side by side: histogram left, over time right."""
+def figure(runs: Run | list[Run] | dict[str, Run]) -> go.Figure:
+    """Both staleness panels side by side, as the dashboard draws them:
+    histogram left, over time right; several runs (a dict names them) compared.
+
+    >>> from ddlkit.kernel.run import Run
+    >>> update = {"type": "update", "rank": 0, "time": 1.5, "worker": 1, "step": 4, "read_version": 3,
+    ...           "applied_version": 5, "staleness": 2, "dropped": False}
+    >>> [t.name for t in figure({"bsp": Run.from_events([update]), "async": Run.from_events([update])}).data][:2]
+    ['bsp applied updates', 'async applied updates']
+    """
+    named: list[tuple[str | None, Run]] = (
+        list(runs.items())
+        if isinstance(runs, dict)
+        else [(None, run) for run in ([runs] if isinstance(runs, Run) else runs)]
+    )
+    data = [RunData(run, COLORS[i % len(COLORS)], name=name) for i, (name, run) in enumerate(named)]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("staleness of applied updates", "staleness over time"))
-    for col, traces in ((1, histogram_traces(run)), (2, over_time_traces(run))):
-        for trace in traces:
-            fig.add_trace(trace, row=1, col=col)
+    ctx = Context()
+    legends_per_panel(fig, [(1, 1, histogram_panel(data, ctx)), (1, 2, over_time_panel(data, ctx))])
     fig.update_xaxes(title_text="staleness (updates missed)", row=1, col=1)
+    fig.update_yaxes(title_text="updates", row=1, col=1)
     fig.update_xaxes(title_text="seconds since launch", row=1, col=2)
-    fig.update_layout(barmode="stack", height=380)
+    fig.update_yaxes(title_text="staleness (updates missed)", row=1, col=2)
+    fig.update_layout(barmode="overlay", height=400, margin={"t": 60})
     return fig
 
 

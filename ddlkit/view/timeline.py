@@ -93,13 +93,27 @@ def in_flight(run: Run) -> pd.DataFrame:
     return pd.DataFrame({"stage": list(most), "max_in_flight": list(most.values())})
 
 
+def row_name(stage: int, rank: int) -> str:
+    """A row's label, on two short lines: it fits beside a dashboard panel with its axis title."""
+    return f"stage {stage}<br>rank {rank}"
+
+
+def rows_of(table: pd.DataFrame) -> list[str]:
+    """The chart's rows, first stage first: one per stage (and rank, when dp replicas hold the same stage)."""
+    pairs = table[["stage", "rank"]].drop_duplicates().sort_values(["stage", "rank"])
+    return [row_name(stage, rank) for stage, rank in pairs.itertuples(index=False)]
+
+
 def traces(run: Run, last_steps: int = 2) -> list[Any]:
     """A Gantt chart of the last ``last_steps`` steps as plotly traces: one row
     per stage (and rank, when dp replicas hold the same stage), forward and
-    backward bars coloured, bubbles as the gaps.
+    backward bars coloured, bubbles as the gaps; each bar says its
+    micro-batch where it is wide enough to read (``uniformtext`` drops the rest).
 
-    >>> import plotly.graph_objects as go
-    >>> fig = go.Figure(traces(run))  # doctest: +SKIP
+    >>> span = {"type": "span", "rank": 0, "step": 0, "stage": 0, "micro_batch": 0, "phase": "forward",
+    ...         "start": 1.0, "end": 1.5}
+    >>> [t.name for t in traces(Run.from_events([span]))]
+    ['forward', 'backward']
     """
     import plotly.graph_objects as go
 
@@ -118,9 +132,11 @@ def traces(run: Run, last_steps: int = 2) -> list[Any]:
                 offsetgroup="spans",  # same row, not side by side
                 base=part["start"],
                 x=part["end"] - part["start"],
-                y=[f"stage {s} · rank {r}" for s, r in zip(part["stage"], part["rank"], strict=True)],
+                y=[row_name(s, r) for s, r in zip(part["stage"], part["rank"], strict=True)],
                 text=[f"{m}" for m in part["micro_batch"]],
                 textposition="inside",
+                insidetextanchor="middle",
+                textfont={"size": 11, "color": "white"},
                 hovertext=[
                     f"step {s}, micro-batch {m}, rank {r}"
                     for s, m, r in zip(part["step"], part["micro_batch"], part["rank"], strict=True)
@@ -130,18 +146,49 @@ def traces(run: Run, last_steps: int = 2) -> list[Any]:
     return out
 
 
-def figure(run: Run, last_steps: int = 2):
-    """The Gantt chart as a ready figure (for notebooks; dashboards take :func:`traces`)."""
+ROW_PX = 56  # the height of one stage's row: bars and their labels readable at any stage count
+FRAME_PX = 150  # title, legend, x axis and its title
+
+
+def figure(run: Run, last_steps: int = 2) -> Any:
+    """The Gantt chart as a ready figure (for notebooks; dashboards take
+    :func:`traces`): as tall as its stages need, every stage's row labelled,
+    the first stage on top, the legend between the title and the chart.
+
+    >>> span = {"type": "span", "rank": 1, "step": 0, "stage": 1, "micro_batch": 0, "phase": "forward",
+    ...         "start": 1.0, "end": 1.5}
+    >>> fig = figure(Run.from_events([span]))
+    >>> fig.layout.height, list(fig.layout.yaxis.tickvals)
+    (206, ['stage 1<br>rank 1'])
+    """
     import plotly.graph_objects as go
 
+    rows = rows_of(spans(run)[lambda t: t["step"] > t["step"].max() - last_steps])
     return go.Figure(
         traces(run, last_steps),
-        layout=dict(
-            barmode="overlay",
-            height=120 + 40 * run.world_size,
-            xaxis_title="seconds since launch",
-            title=f"pipeline timeline, last {last_steps} steps (gaps: bubble)",
-        ),
+        layout={
+            "barmode": "overlay",
+            "height": FRAME_PX + ROW_PX * max(len(rows), 1),
+            "title": {"text": f"pipeline timeline, last {last_steps} steps (gaps: bubble)", "x": 0.01, "y": 1},
+            "title_yref": "container",
+            "title_yanchor": "top",
+            "title_pad": {"t": 10},
+            "title_font_size": 16,
+            "margin": {"t": 80, "b": 50, "l": 20, "r": 20},
+            "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1, "yanchor": "bottom"},
+            "xaxis_title": "seconds since launch",
+            "yaxis": {
+                "title": "stage · rank",
+                "type": "category",
+                "categoryorder": "array",
+                "categoryarray": rows,
+                "tickmode": "array",
+                "tickvals": rows,  # every stage's row named, however many
+                "autorange": "reversed",  # stage 0 on top
+                "automargin": True,
+            },
+            "uniformtext": {"minsize": 9, "mode": "hide"},  # micro-batch labels legible, or dropped
+        },
     )
 
 

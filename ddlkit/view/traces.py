@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..controls import CONTROLS
-from .rundata import MEMORY, TIMES, Context, RunData, downsample
+from .rundata import MEMORY, TIMES, Context, RunData, downsample, tint
 
 MAX_BARS = 100  # bars per run in the time-breakdown panel
 TraceFunction = Callable[[list[RunData], Context], list[Any]]
@@ -28,11 +28,27 @@ def series_name(data: RunData, runs: list[RunData], what: str) -> str:
 
 def loss(x_of: str) -> TraceFunction:
     """Loss per rank (faint) and mean over ranks (bold), against step or time,
-    with the control markers."""
+    with the control markers. The legend names the mean and, as one entry, the
+    ranks (clicking it hides or shows them all)."""
 
     def traces(runs: list[RunData], ctx: Context) -> list[Any]:
         out = []
         for data in runs:
+            ranks = f"{data.run.id}-ranks"
+            faint = {"width": 1, "color": data.color}
+            if len(data.ranks) > 1:  # a legend entry for the faint lines, without data of its own
+                out.append(
+                    dict(
+                        type="scatter",
+                        x=[None],  # plotly lists no trace without a point in its legend
+                        y=[None],
+                        name=series_name(data, runs, "each rank"),
+                        legendgroup=ranks,
+                        opacity=0.35,
+                        mode="lines",
+                        line=faint,
+                    )
+                )
             for rank, series in sorted(data.ranks.items()):
                 loss = series["loss"].values
                 keep = downsample(loss)
@@ -42,11 +58,11 @@ def loss(x_of: str) -> TraceFunction:
                         x=series[x_of].values[keep],
                         y=loss[keep],
                         name=series_name(data, runs, f"rank {rank}"),
-                        legendgroup=data.run.id,
+                        legendgroup=ranks,
                         showlegend=False,
                         opacity=0.35,
                         mode="lines",
-                        line={"width": 1, "color": data.color},
+                        line=faint,
                     )
                 )
             steps = data.steps()
@@ -62,60 +78,68 @@ def loss(x_of: str) -> TraceFunction:
                     mode="lines",
                     legendgroup=data.run.id,
                     line={"width": 3, "color": data.color},
-                    showlegend=x_of == "step",
                 )
             )
-            out.append(markers(data, runs, x_of, steps, mean))
+            out.extend(markers(data, runs, x_of, steps, mean))
         return out
 
     return traces
 
 
 def marker_label(event: dict[str, Any]) -> str:
-    """'lr=0.01', 'paused', 'resumed', 'stop', 'slowdown {1: 3.0}', and a
+    """'lr=0.01', 'paused', 'resumed', 'stop', 'relaunch' (a stop that saves), 'slowdown {1: 3.0}', and a
     strategy's live knobs ('fraction=0.2')."""
     parts = []
     changes = {**{k: v for k, v in event.items() if k in CONTROLS}, **event.get("knobs", {})}  # not type, step, ...
+    if changes.get("stop") and changes.pop("save", False):
+        changes["stop"] = "relaunch"  # a stop that saves the step: the run goes on in a new layout
     for name, value in changes.items():
         if name == "paused":
             parts.append("paused" if value else "resumed")
         elif name == "stop":
-            parts.append("stop")
+            parts.append("relaunch" if value == "relaunch" else "stop")
         else:
             parts.append(f"{name}={value:g}" if isinstance(value, (int, float)) else f"{name} {value}")
     return ", ".join(parts)
 
 
-def markers(data: RunData, runs: list[RunData], x_of: str, steps: np.ndarray, mean: np.ndarray) -> dict:
-    """Asked (x) and applied (triangle, labelled) control changes, on the mean
-    loss curve: applied ones at the step the ranks switched."""
-    x, y, text, hover, symbol = [], [], [], [], []
-    times = data.per_step.arrays["time_max"][steps]
+def markers(data: RunData, runs: list[RunData], x_of: str, steps: np.ndarray, mean: np.ndarray) -> list[dict]:
+    """Control changes on the mean loss curve, two traces: asked (a small grey
+    x, when ``run.control`` was called) and applied (a large black triangle,
+    labelled, at the step the ranks switched). The applied one is drawn last,
+    on top: it is often only a few steps after the asked one, and a long run's
+    axis puts them on the same pixels (the triangle used to vanish under the x)."""
+    asked: dict[str, list[Any]] = {"x": [], "y": [], "hovertext": []}
+    applied: dict[str, list[Any]] = {"x": [], "y": [], "hovertext": [], "text": []}
     for event in data.markers:
         seconds = event["time"] - data.run.started
         step = event.get("step", data.step_at(seconds))
-        applied = event["type"] == "control"
-        at = np.interp(step, steps, mean) if len(steps) else 0.0
-        x.append(step if x_of == "step" else (np.interp(step, steps, times) if applied and len(steps) else seconds))
-        y.append(at)
+        is_applied = event["type"] == "control"
+        shown = applied if is_applied else asked
+        shown["x"].append(step if x_of == "step" else seconds)  # against time: when it was asked, or applied
+        shown["y"].append(np.interp(step, steps, mean) if len(steps) else 0.0)
         label = marker_label(event)
-        text.append(label if applied else "")
-        hover.append(f"{'applied' if applied else 'asked'}: {label}")
-        symbol.append("triangle-down" if applied else "x")
-    return dict(
-        type="scatter",
-        x=x,
-        y=y,
-        text=text,
-        hovertext=hover,
-        hoverinfo="text",
-        mode="markers+text",
-        textposition="top center",
-        name=series_name(data, runs, "controls"),
-        legendgroup=data.run.id,
-        showlegend=False,
-        marker={"symbol": symbol, "size": 11, "color": "black"},
-    )
+        shown["hovertext"].append(f"{'applied' if is_applied else 'asked'}: {label}")
+        if is_applied:
+            applied["text"].append(label)
+    common = {"type": "scatter", "hoverinfo": "text", "legendgroup": f"{data.run.id}-controls"}
+    return [
+        {
+            **common,
+            **asked,
+            "mode": "markers",
+            "name": series_name(data, runs, "control asked"),
+            "marker": {"symbol": "x-thin", "size": 9, "color": "#777", "line": {"width": 2, "color": "#777"}},
+        },
+        {
+            **common,
+            **applied,
+            "mode": "markers+text",
+            "textposition": "top center",
+            "name": series_name(data, runs, "control applied"),
+            "marker": {"symbol": "triangle-down", "size": 14, "color": "black", "line": {"width": 1, "color": "white"}},
+        },
+    ]
 
 
 def throughput(runs: list[RunData], ctx: Context) -> list[Any]:
@@ -131,7 +155,6 @@ def throughput(runs: list[RunData], ctx: Context) -> list[Any]:
                 name=series_name(data, runs, "samples/s"),
                 mode="lines",
                 legendgroup=data.run.id,
-                showlegend=False,
                 line={"color": data.color},
             )
         )
@@ -165,8 +188,7 @@ def breakdown(runs: list[RunData], ctx: Context) -> list[Any]:
                     offset=index * width / len(runs),
                     name=series_name(data, runs, name.removesuffix("_s")),
                     legendgroup=data.run.id,
-                    marker={"color": data.color, "opacity": shades[name]},
-                    showlegend=False,
+                    marker={"color": tint(data.color, shades[name])},
                     hovertemplate=f"{name.removesuffix('_s')}: %{{y:.2e}} s<extra></extra>",
                 )
             )
@@ -189,7 +211,6 @@ def speedup(runs: list[RunData], ctx: Context) -> list[Any]:
             name="ideal",
             mode="lines",
             line={"dash": "dash", "color": "gray"},
-            showlegend=False,
         )
     ]
     points = [base] + [data for data in runs if data is not base]
@@ -201,7 +222,6 @@ def speedup(runs: list[RunData], ctx: Context) -> list[Any]:
             text=[d.label for d in points],
             mode="markers+lines",
             name="measured speedup",
-            showlegend=False,
             marker={"size": 10, "color": [d.color for d in points]},
             line={"color": "black"},
         )
@@ -241,7 +261,7 @@ def memory(runs: list[RunData], ctx: Context) -> list[Any]:
     out = []
     for data in runs:
         ranks = sorted(data.memory)
-        x = [series_name(data, runs, f"rank {rank}") for rank in ranks]
+        x = [f"rank {rank}" if len(runs) == 1 else f"{data.label}<br>rank {rank}" for rank in ranks]
         base = np.zeros(len(ranks))
         for shade, name in zip((1.0, 0.7, 0.45, 0.25), MEMORY, strict=True):
             height = np.array([data.memory[rank][name] for rank in ranks]) / 2**20
@@ -251,10 +271,9 @@ def memory(runs: list[RunData], ctx: Context) -> list[Any]:
                     x=x,
                     y=height,
                     base=base,
-                    name=name.removesuffix("_bytes"),
-                    showlegend=False,
+                    name=series_name(data, runs, name.removesuffix("_bytes")),
                     legendgroup=data.run.id,
-                    marker={"color": data.color, "opacity": shade},
+                    marker={"color": tint(data.color, shade)},
                     hovertemplate=f"{name.removesuffix('_bytes')}: %{{y:.2f}} MiB<extra></extra>",
                 )
             )
