@@ -14,7 +14,18 @@ batch and the same steps. Runs alternate per repetition; medians are shown.
 On a shared 2-core CPU the step times are noisy and 4-rank runs oversubscribe
 the cores: the communication column is exact, the time column is indicative.
 
-    python benchmarks/model_parallel.py [--reps 2] [--steps 30] [--model lm] [--hidden 128]
+Then every pipeline schedule torch ships, at p = 2 and 4 on the cnn (its
+10 layers cut into 2p stages where a schedule holds two per rank), m = 8, in
+teaching mode (F, I and W sleep ``--stage-delay`` each): the measured bubble
+(mean over ranks of the median over steps after the first) beside its
+formula (``timeline.theory``), the step time, and the peak activation bytes
+a rank kept. Teaching mode sleeps the full cost per stage chunk, so a rank
+holding two stages sleeps twice as long per step as with one: compare step
+times within a stages/rank group only. Sleeps wake late when the 2 cores are
+loaded (4 ranks oversubscribe them): the bubble column is indicative there,
+the tests (tests/test_schedules.py) pin measured against theory at p=2.
+
+    python benchmarks/model_parallel.py [--reps 2] [--steps 30] [--model lm] [--hidden 128] [--only schedules]
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ import tempfile
 import pandas as pd
 
 import ddlkit
+from ddlkit import timeline
+from ddlkit.strategies.schedules import SCHEDULES
 
 LAYOUTS = {  # name -> (RunConfig changes, ranks); batch_size is per data-parallel replica
     "pipeline gpipe": (dict(strategy="pipeline", pp=2, schedule="gpipe", micro_batches=4), 2),
@@ -46,6 +59,45 @@ def measure(cfg: ddlkit.RunConfig) -> tuple[float, float]:
     return step_time, sum(comm) / len(comm)
 
 
+def schedules_table(runs: str, pp: int, delay: float, steps: int) -> pd.DataFrame:
+    """Every schedule at ``pp`` ranks, one run each, one after the other."""
+    base = ddlkit.RunConfig(
+        strategy="pipeline",
+        model="cnn",
+        dataset="digits",
+        hidden=64,
+        steps=steps,
+        batch_size=32,
+        lr=0.1,
+        optimizer="sgd",
+        device="cpu",
+        run_dir=runs,
+        world_size=pp,
+        pp=pp,
+        micro_batches=8,
+        stage_delay=delay,
+        stage_costs=[1, 1, 1],
+        oversubscribe=pp > 2,
+    )
+    rows = []
+    for name in SCHEDULES:
+        run = ddlkit.launch(base.replace(schedule=name), echo=False).wait(900)
+        bubbles = timeline.bubbles(run)
+        table = run.metrics
+        rows.append(
+            {
+                "schedule": name,
+                "p": pp,
+                "stages/rank": SCHEDULES[name].stages_per_rank,
+                "bubble": bubbles["measured"].mean(),
+                "theory": bubbles["theory"].iloc[0],
+                "step ms": 1000 * float(table[table["step"] >= 1].groupby("step")["step_time"].max().median()),
+                "peak act KiB": timeline.memory_table(run)["peak_activation_bytes"].max() / 1024,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2)
@@ -53,7 +105,16 @@ def main() -> None:
     parser.add_argument("--model", default="lm", choices=["mlp", "lm"])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch per model replica")
+    parser.add_argument("--stage-delay", type=float, default=0.05, help="schedules table: seconds per F, I, W")
+    parser.add_argument("--only", choices=["strategies", "schedules"], help="print one of the two tables")
     opts = parser.parse_args()
+    if opts.only != "strategies":
+        with tempfile.TemporaryDirectory() as runs:
+            tables = [schedules_table(runs, pp, opts.stage_delay, 6) for pp in (2, 4)]
+        print(f"every pipeline schedule, cnn, m=8, F = I = W = {opts.stage_delay * 1000:.0f} ms (teaching mode)")
+        print(pd.concat(tables).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if opts.only == "schedules":
+        return
     dataset = "sonnets" if opts.model == "lm" else "digits"
     rows = []
     with tempfile.TemporaryDirectory() as runs:

@@ -49,7 +49,7 @@ class Span(Event):
     step: NotRequired[int]  # added by the rank loop
     stage: int
     micro_batch: int
-    phase: str
+    phase: str  # "forward", "backward" (whole), or split: "input" (input gradient) and "weight" (weight gradient)
     start: float
     end: float
 

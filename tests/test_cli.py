@@ -126,7 +126,7 @@ def test_help_explains_every_field_and_knob_with_what_is_valid_and_its_default()
         entry = re.search(rf"^  {flag}[ \n].*?(?=^  -|^\S|^$)", help_text, re.M | re.S)
         assert entry and "Valid:" in entry.group() and "Default:" in entry.group(), flag
     assert "--strategy {" + ",".join(registry.names()) + "}" in help_text
-    assert "--schedule {gpipe,1f1b,interleaved}" in help_text
+    assert "--schedule {gpipe,1f1b,interleaved,looped_bfs,interleaved_zb,zbv,dualpipev}" in help_text
     assert "Default: = world_size for pipeline" in " ".join(help_text.split())  # pp follows world_size
     for name in registry.names():  # every strategy is named with what it does
         assert re.search(rf"^  {name} +\S", help_text, re.M), name

@@ -1,11 +1,12 @@
 """Pipeline parallelism: cut the model into stages, one per rank (two with the
-interleaved schedule), and stream micro-batches through them.
+interleaved, looped and V schedules), and stream micro-batches through them.
 
 Each step the batch is split into ``micro_batches`` equal parts. A stage runs
 the forward of a micro-batch as soon as the previous stage sends its
 activations, sends its output on, and later runs the backward when the next
 stage sends back the gradient. The order is the *schedule*, from
-``torch.distributed.pipelining``:
+``torch.distributed.pipelining`` (every one torch 2.13 ships; the table and
+each one's layout in ``strategies/schedules.py``):
 
 - ``gpipe``: every forward, then every backward. Simple, but each stage keeps
   all ``m`` micro-batches' activations alive until the backwards start.
@@ -13,10 +14,16 @@ stage sends back the gradient. The order is the *schedule*, from
   backward, so at most ``p`` micro-batches are in flight per stage.
 - ``interleaved``: each rank holds two non-adjacent stages (rank r: stages r
   and r + p) and runs 1F1B over them: smaller bubbles for more messages.
+- ``looped_bfs``: the same two looped stages, breadth first.
+- ``interleaved_zb``, ``zbv``, ``dualpipev``: zero-bubble schedules. The
+  backward splits into the input gradient (I) and the weight gradient (W);
+  W's fill the bubble. ``zbv`` and ``dualpipev`` place stages in a V (rank r:
+  stages r and 2p-1-r).
 
 Both fill and drain leave stages idle (the *bubble*): with ``p`` stages and
-``m`` equal micro-batches a fraction (p-1)/(m+p-1) of the step.
-``ddlkit.timeline`` measures it from the spans recorded here.
+``m`` equal micro-batches a fraction (p-1)/(m+p-1) of the step for GPipe and
+1F1B. ``ddlkit.timeline`` measures it from the spans recorded here and puts
+each schedule's formula beside it.
 
 The loss is the mean over each micro-batch and the schedule divides the summed
 gradients by ``m``, so a step equals one single-process step on the whole
@@ -33,7 +40,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from .. import events
 from ..config import RunConfig
@@ -41,11 +47,20 @@ from ..knobs import Knob, choice, integer, number, optional
 from ..models import loss_fn
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
+from .schedules import (
+    SCHEDULES,
+    VIEW_LAYERS,
+    TimedStage,
+    check_micro_batches,
+    check_split_backward,
+    default_cuts,
+    last_stage_rank,
+    stage_costs_valid,
+    stage_ids,
+)
 from .sharding import average_gradients
-from .stages import LAYERS, balanced_cuts, pipeline_layers
+from .stages import LAYERS, pipeline_layers
 from .state import gathered, load_whole_state
-
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
 
 class PipelineParallel(Strategy):
@@ -65,70 +80,49 @@ class PipelineParallel(Strategy):
         self.dp_rank, self.dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh is not None else (0, 1)
         self.pp_group, self.pp_size, pp_rank = pp_mesh.get_group(), pp_mesh.size(), pp_mesh.get_local_rank()
 
-        # Cut the layers into stages; this rank keeps its own (one, or two when interleaved).
+        # Cut the layers into stages; this rank keeps its own (one, or two: looped or in a V).
         layers = pipeline_layers(model)
-        per_rank = 2 if cfg.schedule == "interleaved" else 1
-        num_stages = self.pp_size * per_rank
-        cuts = cfg.cut_points or balanced_cuts(
-            [sum(p.numel() for p in layer.parameters()) for layer in layers], num_stages
+        schedule = SCHEDULES[cfg.schedule]
+        num_stages = self.pp_size * schedule.stages_per_rank
+        cuts = cfg.cut_points or default_cuts(
+            [sum(p.numel() for p in layer.parameters()) for layer in layers],
+            num_stages,
+            cfg.schedule,
+            VIEW_LAYERS[cfg.model],
         )
         bounds = [0, *cuts, len(layers)]
-        self.stage_ids = [pp_rank + k * self.pp_size for k in range(per_rank)]
+        self.stage_ids = stage_ids(pp_rank, self.pp_size, cfg.schedule)
+        self.spans: list[events.Span] = []
+        costs = cfg.stage_costs or (1.0, 1.0, 1.0)
         self.stages = [
-            PipelineStage(nn.Sequential(*layers[bounds[i] : bounds[i + 1]]), i, num_stages, device, group=self.pp_group)
+            TimedStage(
+                nn.Sequential(*layers[bounds[i] : bounds[i + 1]]),
+                i,
+                num_stages,
+                device,
+                group=self.pp_group,
+                spans=self.spans,
+                delay=cfg.stage_delay,
+                costs=costs,
+            )
             for i in self.stage_ids
         ]
-        self.last_stage_rank = dist.get_global_rank(self.pp_group, (num_stages - 1) % self.pp_size)
+        self.last_stage_rank = dist.get_global_rank(self.pp_group, last_stage_rank(self.pp_size, cfg.schedule))
         self.params = [p for stage in self.stages for p in stage.submod.parameters()]
         # A stage of parameter-free layers only (e.g. the cnn's first, a reshape) passes
         # activations and gradients on and has nothing to update.
         self.optimizer = make_optimizer(self.params) if self.params else None
 
-        self.spans: list[events.Span] = []
-        for stage in self.stages:
-            self._record_spans(stage)
-        schedule = SCHEDULES[cfg.schedule]
-
         def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # the mean over one micro-batch
             return loss_fn(task, output, target)
 
-        self.schedule = (
-            schedule(self.stages, cfg.micro_batches, loss_fn=loss)
-            if per_rank > 1
-            else schedule(self.stages[0], cfg.micro_batches, loss_fn=loss)
+        self.schedule = schedule.cls(
+            self.stages if schedule.stages_per_rank > 1 else self.stages[0], cfg.micro_batches, loss_fn=loss
         )
-
-    def _record_spans(self, stage: PipelineStage) -> None:
-        """Time every micro-batch's forward and backward on this stage (the
-        schedules call these two methods once per micro-batch)."""
-        for method, phase, delay in (
-            ("forward_one_chunk", "forward", self.delay),
-            ("backward_one_chunk", "backward", 2 * self.delay),
-        ):
-            run = getattr(stage, method)
-
-            def timed(chunk: int, *args: Any, _run=run, _phase=phase, _delay=delay, **kwargs: Any) -> Any:
-                start = time.time()
-                if _delay:  # teaching mode: stand-in for a stage with real work (backward ~ 2x forward)
-                    time.sleep(_delay)
-                out = _run(chunk, *args, **kwargs)
-                self.spans.append(
-                    events.Span(
-                        type="span",
-                        stage=stage.stage_index,
-                        micro_batch=chunk,
-                        phase=_phase,
-                        start=start,
-                        end=time.time(),
-                    )
-                )
-                return out
-
-            setattr(stage, method, timed)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         start = time.perf_counter()
-        self.spans = []
+        self.spans.clear()  # the stages append to this list
         losses: list[torch.Tensor] = []
         # Phase 1: the schedule. The first stage splits `inputs` into
         # micro-batches, the last splits `targets` and computes the losses;
@@ -175,7 +169,7 @@ class PipelineParallel(Strategy):
 def build(
     cfg: RunConfig, accelerator: Any, model: nn.Module, task: str, make_optimizer: OptimizerFactory
 ) -> PipelineParallel:
-    """One stage per rank (two, interleaved) over a 1-D ``pp`` mesh."""
+    """One stage per rank (two for the looped and V schedules) over a 1-D ``pp`` mesh."""
     mesh = init_device_mesh(accelerator.device.type, (cfg.world_size,), mesh_dim_names=("pp",))
     return PipelineParallel(cfg, mesh["pp"], model, task, make_optimizer, accelerator.device)
 
@@ -183,23 +177,15 @@ def build(
 def check_stages(cfg: RunConfig) -> None:
     """Rules of any pipeline (here and in the hybrid dp x pp): enough layers,
     micro-batches and valid cuts for the stages."""
-    stages = cfg.pp * (2 if cfg.schedule == "interleaved" else 1)
+    per_rank = SCHEDULES[cfg.schedule].stages_per_rank
+    stages = cfg.pp * per_rank
     layers = LAYERS[cfg.model]
     if stages > layers:
         raise ValueError(
-            f"pp={cfg.pp} with schedule={cfg.schedule!r} needs {stages} stages but model={cfg.model!r} has "
-            f"only {layers} layers: valid pp for it is 2..{layers // (stages // cfg.pp)}"
+            f"pp={cfg.pp} with schedule={cfg.schedule!r} needs {stages} stages ({per_rank} per rank) but "
+            f"model={cfg.model!r} has only {layers} layers: valid pp for it is 2..{layers // per_rank}"
         )
-    if cfg.micro_batches < cfg.pp or cfg.batch_size % cfg.micro_batches:
-        raise ValueError(
-            f"micro_batches={cfg.micro_batches} is invalid for pp={cfg.pp}: a pipeline needs at least as many "
-            f"micro-batches as stages (valid: {cfg.pp} or more dividing batch_size={cfg.batch_size})"
-        )
-    if cfg.schedule == "interleaved" and cfg.micro_batches % cfg.pp:
-        raise ValueError(
-            f"micro_batches={cfg.micro_batches} is invalid for schedule='interleaved' with pp={cfg.pp}: "
-            f"it must be a multiple of pp"
-        )
+    check_micro_batches(cfg)
     cuts = cfg.cut_points
     if cuts is not None and not (
         len(cuts) == stages - 1 and list(cuts) == sorted(set(cuts)) and all(0 < c < layers for c in cuts)
@@ -208,6 +194,7 @@ def check_stages(cfg: RunConfig) -> None:
             f"cut_points={cuts!r} is invalid: give {stages - 1} increasing layer indices "
             f"in 1..{layers - 1} (where stages 2..{stages} start), or None to balance by parameters"
         )
+    check_split_backward(cfg)
 
 
 def layout(cfg: RunConfig) -> None:
@@ -232,7 +219,13 @@ def _cuts(value: Any) -> bool:
 PP = integer("pp", 1, 1, "pp", "pipeline stages (pipeline: = world_size)", up_to=64)
 PIPELINE_KNOBS = (
     integer("micro_batches", 4, 1, "micro-batches", "micro-batches per step and pipeline; must divide batch_size"),
-    choice("schedule", "1f1b", tuple(SCHEDULES), "schedule", "pipeline schedule; interleaved: two stages per rank"),
+    choice(
+        "schedule",
+        "1f1b",
+        tuple(SCHEDULES),
+        "schedule",
+        "pipeline schedule (torch.distributed.pipelining); all but gpipe and 1f1b hold two stages per rank",
+    ),
     Knob(
         "cut_points",
         None,
@@ -241,7 +234,16 @@ PIPELINE_KNOBS = (
         None,
         "first layer of every stage but the first, e.g. [2]; None balances stages by parameters",
     ),
-    number("stage_delay", 0.0, 0.0, None, "teaching: seconds a stage sleeps per forward (2x per backward)"),
+    number("stage_delay", 0.0, 0.0, None, "teaching: seconds a stage sleeps per unit of work (stage_costs)"),
+    Knob(
+        "stage_costs",
+        None,
+        stage_costs_valid,
+        "None or [F, I, W]: three numbers >= 0, F above 0",
+        None,
+        "teaching: units of stage_delay per forward (F), input-gradient (I) and weight-gradient (W) backward; "
+        "a whole backward costs I+W; None: [1, 1, 1]",
+    ),
 )
 
 register(

@@ -13,25 +13,38 @@ fraction of that window in which it ran none of its spans::
 its median over the steps after ``warmup`` (the first steps pay for start-up;
 the median shrugs off a step that another process on the machine disturbed).
 Time spent sending and receiving between spans counts as idle, as it should:
-the stage is not computing. Theory for p pipeline ranks, m micro-batches and v
-stages per rank (v = 2 interleaved) with equal stages: (p-1)/(v*m + p-1).
+the stage is not computing. Beside it, :func:`theory`: the schedule's published
+formula (``view/bubbles.py``) fed with the measured median F, B (input
+gradient) and W (weight gradient) span times; for GPipe and 1F1B with p ranks,
+m micro-batches and v stages per rank: (p-1)/(v*m + p-1).
 
 On a small CPU model a stage's compute is a fraction of a millisecond and the
 timeline is mostly scheduling noise; ``stage_delay`` (teaching mode) makes
-each forward sleep that long and each backward twice that, standing in for
-real work, so what is measured is the schedule's shape.
+each forward sleep that long and each backward twice that (``stage_costs``
+sets F, I and W apart), standing in for real work, so what is measured is the
+schedule's shape.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..kernel.run import Run
+from .bubbles import schedule_of
+from .bubbles import theory as theory  # timeline.theory: each schedule's formula
 
 SPAN_COLUMNS = ["rank", "step", "stage", "micro_batch", "phase", "start", "end"]
-PHASE_COLOURS = {"forward": "#4C78A8", "backward": "#F58518"}
+# phase: (legend name, colour). A split backward shows its input-gradient (I) and weight-gradient (W) halves.
+PHASES = {
+    "forward": ("forward", "#4C78A8"),
+    "backward": ("backward", "#F58518"),
+    "input": ("input grad", "#E45756"),
+    "weight": ("weight grad", "#54A24B"),
+}
 
 
 def spans(run: Run) -> pd.DataFrame:
@@ -56,12 +69,16 @@ def theory_bubble(pp: int, micro_batches: int, stages_per_rank: int = 1) -> floa
     return (pp - 1) / (stages_per_rank * micro_batches + pp - 1)
 
 
-def bubbles(run: Run, warmup: int = 1) -> pd.DataFrame:
-    """Measured bubble per rank (median over steps after ``warmup``), with the theory beside it."""
+def bubbles(run: Run, warmup: int = 1, schedule: str | None = None) -> pd.DataFrame:
+    """Measured bubble per rank (median over steps after ``warmup``), with the
+    schedule's theory beside it (``schedule`` None: told from the spans) fed
+    with the measured median span times ``F``, ``B`` (input gradient, or the
+    whole backward where it is not split) and ``W``."""
+    columns = ["rank", "measured", "theory", "schedule", "F", "B", "W"]
     table = spans(run)
     table = table[table["step"] >= warmup]
     if table.empty:
-        return pd.DataFrame(columns=["rank", "measured", "theory"])
+        return pd.DataFrame(columns=columns)
     table = table.assign(busy=table["end"] - table["start"])
     window = table.groupby("step").agg(first=("start", "min"), last=("end", "max"))
     busy = table.groupby(["step", "rank"])["busy"].sum().reset_index()
@@ -69,8 +86,25 @@ def bubbles(run: Run, warmup: int = 1) -> pd.DataFrame:
     measured = busy.groupby("rank")["bubble"].median()
     stages_per_rank = int(table.groupby("rank")["stage"].nunique().max())
     pp = table["stage"].nunique() // stages_per_rank
-    theory = theory_bubble(pp, table["micro_batch"].nunique(), stages_per_rank)
-    return pd.DataFrame({"rank": measured.index, "measured": measured.values, "theory": theory})
+    name = schedule or _schedule_launched(run) or schedule_of(table)
+    time = table.groupby("phase")["busy"].median()
+    f, b, w = (float(time.get(phase, 0.0)) for phase in ("forward", "input", "weight"))
+    if "input" not in time:  # the backward is not split: B stands for all of it
+        b = float(time.get("backward", 0.0))
+    expected = theory(name, pp, table["micro_batch"].nunique(), stages_per_rank, f, b, w)
+    return pd.DataFrame(
+        {"rank": measured.index, "measured": measured.values, "theory": expected, "schedule": name}
+    ).assign(F=f, B=b, W=w)
+
+
+def _schedule_launched(run: Run) -> str | None:
+    """The schedule in the run folder's config.json (built-in experiments), if any."""
+    if not getattr(run, "is_config", False):
+        return None
+    try:
+        return json.loads((Path(run.path) / "config.json").read_text()).get("schedule")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def bubble_fraction(run: Run, warmup: int = 1) -> float:
@@ -87,7 +121,8 @@ def in_flight(run: Run) -> pd.DataFrame:
     for (_step, _rank, stage), group in table.groupby(["step", "rank", "stage"]):  # each replica's stage apart
         alive = peak = 0
         for phase in group.sort_values("start")["phase"]:
-            alive += 1 if phase == "forward" else -1
+            # a split backward frees the activations with its W, the input gradient's part needs them
+            alive += {"forward": 1, "backward": -1, "weight": -1}.get(phase, 0)
             peak = max(peak, alive)
         most[stage] = max(most.get(stage, 0), peak)
     return pd.DataFrame({"stage": list(most), "max_in_flight": list(most.values())})
@@ -107,8 +142,10 @@ def rows_of(table: pd.DataFrame) -> list[str]:
 def traces(run: Run, last_steps: int = 2) -> list[Any]:
     """A Gantt chart of the last ``last_steps`` steps as plotly traces: one row
     per stage (and rank, when dp replicas hold the same stage), forward and
-    backward bars coloured, bubbles as the gaps; each bar says its
-    micro-batch where it is wide enough to read (``uniformtext`` drops the rest).
+    backward bars coloured (a split backward's input-gradient and
+    weight-gradient halves in colours of their own), bubbles as the gaps; each
+    bar says its micro-batch where it is wide enough to read (``uniformtext``
+    drops the rest).
 
     >>> span = {"type": "span", "rank": 0, "step": 0, "stage": 0, "micro_batch": 0, "phase": "forward",
     ...         "start": 1.0, "end": 1.5}
@@ -121,12 +158,16 @@ def traces(run: Run, last_steps: int = 2) -> list[Any]:
     if table.empty:
         return []
     table = table[table["step"] > table["step"].max() - last_steps]
+    present = set(table["phase"])
+    split = bool(present & {"input", "weight"})  # forward and backward always; the split halves when run
+    shown = [p for p in PHASES if p in present or p == "forward" or (p == "backward" and not split)]
     out = []
-    for phase, colour in PHASE_COLOURS.items():
+    for phase in shown:
+        name, colour = PHASES[phase]
         part = table[table["phase"] == phase]
         out.append(
             go.Bar(
-                name=phase,
+                name=name,
                 orientation="h",
                 marker_color=colour,
                 offsetgroup="spans",  # same row, not side by side
