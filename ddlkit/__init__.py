@@ -37,6 +37,7 @@ __all__ = [
     "staleness",
     "federated",
     "costmodel",
+    "balance",
 ]
 
 # The view side, imported on first use: workers import ddlkit too, and need no plotly or widgets.
@@ -46,7 +47,7 @@ _LAZY = {
     "sweep": "view.sweeps",
     "report": "view.figures",
 }
-_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "costmodel")
+_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "costmodel", "balance")
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import registry
+from . import devices, registry
 from .knobs import (
     Knob,
     Widget,
@@ -58,6 +58,14 @@ class NetworkKnob(Knob):
 
     def problem(self, value: Any) -> str | None:
         return network_problem(value)
+
+
+@dataclass(frozen=True)
+class ProfileKnob(Knob):
+    """rank_profile: None, or a device profile (the nearest one named for a typo)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if value is None else choice_problem(self.name, value, devices.KINDS)
 
 
 def one_fault(value: Any) -> bool:
@@ -186,6 +194,21 @@ COMMON: dict[str, Knob] = {
             non_negative_number,
             "seconds >= 0",
             "add a random delay of this mean (seeded) to every rank's steps",
+        ),
+        _knob(
+            "speeds",
+            None,
+            optional(lambda value: isinstance(value, dict) and all(is_number(v) and v > 0 for v in value.values())),
+            "None or a dict {rank: speed > 0}",
+            "heterogeneous ranks: relative compute speeds, e.g. {1: 0.5} runs rank 1 at half speed",
+        ),
+        ProfileKnob(
+            "rank_profile",
+            None,
+            lambda value: value is None or value in devices.KINDS,
+            f"None or one of {list(devices.KINDS)}",
+            None,
+            "heterogeneous ranks drawn from a device profile (edge: a slow quarter); speeds override it per rank",
         ),
         flag(
             "oversubscribe",

@@ -15,17 +15,16 @@ import difflib
 import importlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from . import limits, network, registry
 from .common import COMMON, DATASETS, DEVICES, MODELS, OPTIMIZERS
 from .files import write_atomic
 from .knobs import check_faults, check_stragglers, require
+from .speeds import check_speeds
+from .yaml12 import YamlDumper, YamlLoader, yaml
 
 __all__ = ["RunConfig", "MODELS", "DATASETS", "OPTIMIZERS", "DEVICES", "COMPATIBLE", "unknown_fields"]
 
@@ -92,6 +91,9 @@ class RunConfig:
     slowdown: dict[int, float] | None
     delay_s: dict[int, float] | None
     delay_jitter_s: float
+    # Heterogeneous ranks, any strategy: relative compute speeds ({1: 0.5}) or a device profile (ddlkit.speeds).
+    speeds: dict[int, float] | None
+    rank_profile: str | None
     # More CPU ranks than limits.RANKS_PER_CORE per core (they then mostly wait for a core).
     oversubscribe: bool
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
@@ -107,7 +109,7 @@ class RunConfig:
             setattr(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("slowdown", "delay_s") and isinstance(value, dict):
+        if name in ("slowdown", "delay_s", "speeds") and isinstance(value, dict):
             # JSON and YAML files give rank keys as strings: {"1": 3.0} means {1: 3.0}
             value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
         if name == "run_dir" and isinstance(value, os.PathLike):
@@ -159,6 +161,7 @@ class RunConfig:
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
         require(network.problem(self.network, self.resolved_device()))
+        check_speeds(self.speeds, self.rank_profile, self.world_size)
         self._validate_knobs(spec)
         if self.checkpoint_every is not None and spec.checkpoint is None:
             able = [name for name in registry.names() if registry.get(name).checkpoint]
@@ -258,22 +261,6 @@ class RunConfig:
 
 
 _COMMON = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "knobs")
-
-
-class YamlLoader(yaml.SafeLoader):
-    """YAML as people write it: ``1e-5`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
-
-
-class YamlDumper(yaml.SafeDumper):
-    """Quotes what :class:`YamlLoader` would not read back as the same string (``"1e-5"``)."""
-
-
-for _yaml in (YamlLoader, YamlDumper):
-    _yaml.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
-        list("-+0123456789."),
-    )
 
 
 def unknown_fields(names: list[str]) -> str:

@@ -7,7 +7,8 @@ seed, so nothing is downloaded at run time.
 Sharding: the samples form one endless stream, epoch after epoch, each epoch a
 fresh seeded permutation. Global step ``t`` takes the next ``world_size *
 batch_size`` positions of the stream and rank ``r`` takes its contiguous
-``batch_size`` of them. Within an epoch no sample is seen twice and none is
+``batch_size`` of them (or its *share*, when a balancer gives ranks uneven
+shares of the same global batch: ``ShardedStream.set_shares``). Within an epoch no sample is seen twice and none is
 dropped (a batch may straddle two epochs), and the union of the ranks' batches
 at step ``t`` is exactly the batch a single process with ``world_size *
 batch_size`` would take: that is what makes data parallelism exact.
@@ -135,6 +136,30 @@ def _sonnet_ids() -> tuple[torch.Tensor, str]:
     return torch.tensor([lookup[ch] for ch in text], dtype=torch.long), vocab
 
 
+def split_batch(total: int, weights: list[float]) -> list[int]:
+    """``total`` samples shared in proportion to ``weights``, each share at least
+    1, rounded by largest remainder (a pure function: every rank given the same
+    weights computes the same shares).
+
+    >>> split_batch(64, [1.0, 0.5])
+    [43, 21]
+    >>> split_batch(10, [1.0, 1e-9, 1.0])
+    [5, 1, 4]
+    >>> split_batch(7, [1.0, 1.0, 1.0])
+    [3, 2, 2]
+    """
+    if total < len(weights):
+        raise ValueError(f"cannot share {total} samples among {len(weights)} ranks: each needs at least one")
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [max(1, int(x)) for x in exact]
+    while sum(shares) > total:  # the minimum of 1 overdrew: take from the most over-served
+        shares[max((r for r in range(len(shares)) if shares[r] > 1), key=lambda r: shares[r] - exact[r])] -= 1
+    by_remainder = sorted(range(len(weights)), key=lambda r: (shares[r] - exact[r], r))
+    for r in by_remainder[: total - sum(shares)]:
+        shares[r] += 1
+    return shares
+
+
 class ShardedStream:
     """This rank's sample indices for any global step (see the module doc).
 
@@ -151,13 +176,34 @@ class ShardedStream:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.shares = [batch_size] * world_size
         self._perms: dict[int, torch.Tensor] = {}
 
+    def set_shares(self, shares: list[int]) -> None:
+        """From now on rank ``r`` takes ``shares[r]`` of each global batch (its
+        positions follow the lower ranks' shares): the global batch, and so
+        every sample's place in the epoch, stays the same.
+
+        >>> a, b = (ShardedStream(10, batch_size=2, rank=r, world_size=2, seed=0) for r in (0, 1))
+        >>> for stream in (a, b):
+        ...     stream.set_shares([3, 1])
+        >>> both = ShardedStream(10, batch_size=4, rank=0, world_size=1, seed=0)
+        >>> len(a.indices(3)), torch.equal(torch.cat([a.indices(3), b.indices(3)]), both.indices(3))
+        (3, True)
+        """
+        if len(shares) != self.world_size or sum(shares) != self.batch_size * self.world_size or min(shares) < 1:
+            raise ValueError(
+                f"shares={shares} is invalid: give {self.world_size} positive counts adding up to the global batch "
+                f"{self.batch_size * self.world_size}"
+            )
+        self.shares = list(shares)
+
     def indices(self, step: int) -> torch.Tensor:
-        start = (step * self.world_size + self.rank) * self.batch_size
-        positions = torch.arange(start, start + self.batch_size)
+        count = self.shares[self.rank]
+        start = step * self.world_size * self.batch_size + sum(self.shares[: self.rank])
+        positions = torch.arange(start, start + count)
         epochs = positions // self.n
-        out = torch.empty(self.batch_size, dtype=torch.long)
+        out = torch.empty(count, dtype=torch.long)
         for epoch in epochs.unique().tolist():
             mask = epochs == epoch
             out[mask] = self._perm(epoch)[positions[mask] % self.n]

@@ -8,7 +8,7 @@ sends, and the kernel adds ``attempt`` when it records.
 >>> Checkpoint(type="checkpoint", step=40, path="runs/x/checkpoints/step-000040")["step"]
 40
 >>> sorted(TYPES)[:3]
-['beat', 'checkpoint', 'client']
+['balance', 'beat', 'checkpoint']
 """
 
 # No `from __future__ import annotations`: TypedDict reads NotRequired from evaluated annotations.
@@ -40,9 +40,26 @@ class Step(Event):
     wait_s: NotRequired[float]
     network_s: NotRequired[float]
     comm_bytes: NotRequired[int]
+    idle_s: NotRequired[float]
+    transfer_s: NotRequired[float]
     staleness: NotRequired[int]
     version: NotRequired[int]
     dropped: NotRequired[bool]
+
+
+class Balance(Event):
+    step: int
+    share: int
+    shares: list[int]
+    speeds: list[float]
+
+
+class Cuts(Event):
+    layer_s: list[float]
+    cuts: list[int]
+    param_cuts: list[int]
+    stage_s: list[float]
+    param_stage_s: list[float]
 
 
 class Span(Event):
@@ -187,6 +204,8 @@ class Partition(Event):
 TYPES: dict[str, type] = {
     "step": Step,
     "span": Span,
+    "balance": Balance,
+    "cuts": Cuts,
     "update": Update,
     "memory": Memory,
     "comm": Comm,

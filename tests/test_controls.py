@@ -73,10 +73,12 @@ def test_stop_ends_the_ranks_together_at_a_step(runs_dir):
 
 
 def test_a_slowed_rank_slows_the_synchronous_run(runs_dir):
-    run = _endless(runs_dir)
+    # a slowdown scales a data-parallel rank's compute (batch, forward, backward; not the all-reduce):
+    # give it compute to scale, and a factor that doubles the step even where compute is half of it
+    run = _endless(runs_dir, batch_size=512, hidden=256)
     _wait_until(lambda: run.steps_done >= 200, 30)
     before = run.metrics["step_time"].median()
-    run.control(slowdown={1: 4.0})
+    run.control(slowdown={1: 8.0})
     marker_step = None
     while marker_step is None:
         marker_step = next((e["step"] for e in run.events if e["type"] == "control"), None)

@@ -121,7 +121,8 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
         wait_s = time.perf_counter() - step_start
         if step in ctx.faults:
             inject_fault(ctx.faults[step], step)
-        ctx.straggled, network_before, bytes_before = False, NETWORK.seconds, NETWORK.payload_bytes
+        ctx.straggled, ctx.step, ctx.step_started = False, step, step_start
+        network_before, bytes_before = NETWORK.seconds, NETWORK.payload_bytes
         stats = measured_step(ctx, strategy, step, inputs, targets)
         for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
             reporter.send({**event, "step": step})

@@ -78,16 +78,19 @@ class RankContext:
     dataset: Dataset
     shard: ShardedStream
     lr: float
+    step: int = 0  # the step being taken, and when its work began (set by the loop before the strategy's step)
+    step_started: float = 0.0
     straggled: bool = False  # this step's straggler pause was taken, by the strategy mid-step
     held_out: HeldOut | None = None  # on the rank that evaluates, with ``eval_every``
 
-    def straggle(self, work_started: float) -> float:
+    def straggle(self, work_started: float, simulated_s: float = 0.0) -> float:
         """Pause as this rank's straggler settings say, for the work begun at
         ``work_started``. A strategy that communicates after computing calls it
         in between (a parameter-server worker: its gradient then arrives late,
-        as a slow device's would); otherwise the loop calls it after the step."""
+        as a slow device's would); otherwise the loop calls it after the step.
+        ``simulated_s``: simulated work to add (a sleep, scaled like the real work)."""
         self.straggled = True
-        return self.straggler.delay(self.controls.current, work_started)
+        return self.straggler.delay(self.controls.current, work_started, simulated_s)
 
     def follow(self, live: Controls, strategy: Strategy) -> None:
         """Apply what changed in this step's controls: the learning rate, the

@@ -10,42 +10,32 @@ gradients: ``ddlkit.strategies.compression``) and ``grad_accumulation=k``: a
 step takes k micro-batches of ``batch_size``, all-reducing only after the last
 (DDP ``no_sync`` for the others), so it is exactly one step of batch k*B with k
 times fewer all-reduces per sample.
+
+With ``balance`` (``ddlkit.strategies.balance``) ranks take uneven shares of
+the same global batch, by speed, and each weighs its loss by its share, so
+the step stays exact. The all-reduce is timed on every ``time_every``-th step
+and split into idle and transfer time (``ddlkit.strategies.commtimer``).
 """
 
-import time  # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
+from __future__ import annotations
+
+import time
 from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate.utils import DistributedDataParallelKwargs
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from ..config import RunConfig
-from ..knobs import integer
+from ..knobs import integer, number
 from ..models import loss_fn
-from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
 from ..registry import StrategySpec, register
 from . import compression
+from .balance import KNOBS as BALANCE_KNOBS
+from .balance import Balancer
+from .commtimer import CommTimer
 from .state import WholeState
-
-
-class CommTimer:
-    """Wraps the DDP communication hook the strategy uses (plain all-reduce or
-    a compression hook) to add up how long its communication takes."""
-
-    def __init__(self, inner: Any = allreduce_hook, state: Any = None) -> None:
-        self.seconds = 0.0
-        self.inner, self.state = inner, state
-
-    def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        start = time.perf_counter()
-
-        def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-            self.seconds += time.perf_counter() - start
-            return fut.value()
-
-        return self.inner(self.state, bucket).then(done)
 
 
 class DataParallel(WholeState, Strategy):
@@ -59,31 +49,64 @@ class DataParallel(WholeState, Strategy):
         self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model.parameters()))
         self.dp_rank, self.dp_size = accelerator.process_index, accelerator.num_processes
         self.micro_steps = cfg.grad_accumulation  # 1 for "single": its knobs stay at their defaults
+        self.time_every, self.sample_work_s = cfg.time_every, cfg.sample_work_s
+        self.balancer = Balancer(cfg, self.dp_rank, self.dp_size)
         state, hook = compression.hook_for(cfg)
-        self.comm = CommTimer(hook, state)
-        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            self.model.register_comm_hook(state=None, hook=self.comm.hook)
+        self.comm = CommTimer(hook)  # times whichever hook sends the gradients
+        self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # not with one process
+            self.model.register_comm_hook(state=state, hook=self.comm.hook)
+        self.ctx: RankContext | None = None
+        self.comm_share = 0.0  # of the step's time, on the latest sampled step: unsampled steps are split by it
+
+    def setup(self, ctx: RankContext) -> None:
+        self.ctx = self.comm.ctx = ctx
+        self.balancer.start(ctx)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
-        start, self.comm.seconds = time.perf_counter(), 0.0
+        step = self.ctx.step if self.ctx is not None else 0
+        sampled = self.ddp and step % self.time_every == 0
+        self.comm.start(sampled, simulated_s=len(inputs) * self.sample_work_s)
+        scale = self.balancer.scale(len(inputs))  # uneven shares: weigh each rank's mean by its samples
         micro = list(zip(inputs.chunk(self.micro_steps), targets.chunk(self.micro_steps), strict=True))
         losses = []
         for i, (x, y) in enumerate(micro):
             # all micro-batches but the last only accumulate; the last one's backward all-reduces the sum
             with self.accelerator.no_sync(self.model) if i < len(micro) - 1 else nullcontext():
-                part = loss_fn(self.task, self.model(x), y) / len(micro)
-                self.accelerator.backward(part)  # DDP all-reduces gradient buckets during backward
+                part = loss_fn(self.task, self.model(x), y) * (len(x) / len(inputs))
+                self.accelerator.backward(part * scale if scale != 1.0 else part)  # DDP all-reduces in backward
             losses.append(part.detach())
         loss = torch.stack(losses).sum()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        return StepStats(loss, compute_s=max(elapsed - self.comm.seconds, 0.0), comm_s=self.comm.seconds)
+        elapsed = time.perf_counter() - self.comm.began
+        row: dict[str, Any] = {}
+        if sampled:
+            self.comm_share = min(self.comm.comm_s / elapsed, 1.0)
+            row = {"idle_s": self.comm.idle_s, "transfer_s": self.comm.transfer_s}
+        comm_s = self.comm.comm_s if sampled else elapsed * self.comm_share
+        if self.ctx is not None:
+            self.balancer.after(self.ctx, step, len(inputs), self.comm.busy_s)
+        return StepStats(loss, compute_s=max(elapsed - comm_s, 0.0), comm_s=comm_s, row=row)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank holds the whole model: rank 0's copy is the full state."""
         model = self.accelerator.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+TIME_EVERY = integer(
+    "time_every", 20, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
+)
+
+SAMPLE_WORK = number(
+    "sample_work_s",
+    0.0,
+    0.0,
+    None,
+    "teaching: seconds of simulated compute per sample (a sleep scaled by the rank's speed), so that work follows "
+    "the shares even on a busy machine",
+)
 
 
 def one_process(cfg: RunConfig) -> None:
@@ -109,6 +132,11 @@ register(
 
 def data_layout(cfg: RunConfig) -> None:
     compression.check(cfg)
+    if cfg.grad_accumulation > 1 and cfg.balance != "none":
+        raise ValueError(
+            f"balance={cfg.balance!r} is invalid with grad_accumulation={cfg.grad_accumulation}: shares are set per "
+            "step of batch_size samples; use balance='none' or grad_accumulation=1"
+        )
 
 
 def accumulation(cfg: RunConfig) -> int:
@@ -122,6 +150,9 @@ register(
         "data parallel (DDP): every rank the whole model, a shard of each batch, gradients all-reduced",
         knobs=(
             *compression.KNOBS,
+            *BALANCE_KNOBS,
+            TIME_EVERY,
+            SAMPLE_WORK,
             integer(
                 "grad_accumulation",
                 1,

@@ -45,7 +45,7 @@ from .. import events
 from ..config import RunConfig
 from ..knobs import Knob, choice, integer, number, optional
 from ..models import loss_fn
-from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
 from ..registry import StrategySpec, register
 from .schedules import (
     SCHEDULES,
@@ -59,7 +59,7 @@ from .schedules import (
     stage_ids,
 )
 from .sharding import average_gradients
-from .stages import LAYERS, pipeline_layers
+from .stages import LAYERS, choose_cuts, pipeline_layers
 from .state import gathered, load_whole_state
 
 
@@ -84,12 +84,9 @@ class PipelineParallel(Strategy):
         layers = pipeline_layers(model)
         schedule = SCHEDULES[cfg.schedule]
         num_stages = self.pp_size * schedule.stages_per_rank
-        cuts = cfg.cut_points or default_cuts(
-            [sum(p.numel() for p in layer.parameters()) for layer in layers],
-            num_stages,
-            cfg.schedule,
-            VIEW_LAYERS[cfg.model],
-        )
+        sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        by_params = default_cuts(sizes, num_stages, cfg.schedule, VIEW_LAYERS[cfg.model])
+        cuts, self.cut_report = choose_cuts(cfg, layers, num_stages, by_params)
         bounds = [0, *cuts, len(layers)]
         self.stage_ids = stage_ids(pp_rank, self.pp_size, cfg.schedule)
         self.spans: list[events.Span] = []
@@ -119,6 +116,10 @@ class PipelineParallel(Strategy):
         self.schedule = schedule.cls(
             self.stages if schedule.stages_per_rank > 1 else self.stages[0], cfg.micro_batches, loss_fn=loss
         )
+
+    def setup(self, ctx: RankContext) -> None:
+        if self.cut_report is not None and ctx.rank == 0:  # cut_points="auto": the cuts and their stage times
+            ctx.reporter.send(self.cut_report)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         start = time.perf_counter()
@@ -187,12 +188,15 @@ def check_stages(cfg: RunConfig) -> None:
         )
     check_micro_batches(cfg)
     cuts = cfg.cut_points
-    if cuts is not None and not (
-        len(cuts) == stages - 1 and list(cuts) == sorted(set(cuts)) and all(0 < c < layers for c in cuts)
+    if (
+        cuts is not None
+        and cuts != "auto"
+        and not (len(cuts) == stages - 1 and list(cuts) == sorted(set(cuts)) and all(0 < c < layers for c in cuts))
     ):
         raise ValueError(
             f"cut_points={cuts!r} is invalid: give {stages - 1} increasing layer indices "
-            f"in 1..{layers - 1} (where stages 2..{stages} start), or None to balance by parameters"
+            f"in 1..{layers - 1} (where stages 2..{stages} start), None to balance by parameters, "
+            "or 'auto' to balance by measured layer time"
         )
     check_split_backward(cfg)
 
@@ -213,7 +217,11 @@ def layout(cfg: RunConfig) -> None:
 
 
 def _cuts(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    return (
+        value == "auto"
+        or isinstance(value, list)
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    )
 
 
 PP = integer("pp", 1, 1, "pp", "pipeline stages (pipeline: = world_size)", up_to=64)
@@ -230,9 +238,10 @@ PIPELINE_KNOBS = (
         "cut_points",
         None,
         optional(_cuts),
-        "None or a list of layer indices",
+        "None, 'auto' or a list of layer indices",
         None,
-        "first layer of every stage but the first, e.g. [2]; None balances stages by parameters",
+        "first layer of every stage but the first, e.g. [2]; None balances stages by parameters, "
+        "'auto' by each layer's measured forward+backward time",
     ),
     number("stage_delay", 0.0, 0.0, None, "teaching: seconds a stage sleeps per unit of work (stage_costs)"),
     Knob(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..kernel.run import Run
-from . import federated, staleness, timeline
+from . import balance, federated, staleness, timeline
 from .rundata import Context, RunData
 from .traces import TraceFunction, breakdown, emulates, loss, memory, network, series_name, speedup, throughput
 
@@ -72,6 +72,22 @@ PANELS: list[Panel] = [
         y_title="seconds",
     ),
     Panel(
+        "idle",
+        "idle fraction (waiting for the slowest peer): rank 0 solid, 1 dotted, 2 dashed",
+        balance.idle_traces,
+        when=lambda runs, ctx: any(data.idle for data in runs),
+        x_title="step",
+        y_title="idle fraction",
+    ),
+    Panel(
+        "shares",
+        "share of the global batch (balance): rank 0 solid, 1 dotted, 2 dashed",
+        balance.share_traces,
+        when=has_events("balance"),
+        x_title="step",
+        y_title="samples per step",
+    ),
+    Panel(
         "speedup",
         "speedup vs baseline (dashed: ideal)",
         speedup,
@@ -104,6 +120,14 @@ PANELS: list[Panel] = [
         y_title="stage · rank",
         # every stage's row named, the first stage on top
         y_axis={"type": "category", "categoryorder": "category ascending", "autorange": "reversed", "dtick": 1},
+    ),
+    Panel(
+        "cuts",
+        "pipeline stage times: parameter-count cuts (grey) vs auto cuts",
+        balance.cut_traces,
+        when=has_events("cuts"),
+        x_title="stage",
+        y_title="ms per micro-batch",
     ),
     Panel(
         "staleness",

@@ -27,7 +27,7 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 TIMES = ("compute_s", "comm_s", "wait_s")
 MODELLED = ("network_s",)  # seconds the emulated network's model added (ddlkit.rank.emulated)
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes")
-KEPT = ("eval", "round", "partition")  # events panels draw one point or bar each: kept as they are
+KEPT = ("eval", "round", "partition", "balance", "cuts")  # events panels draw one point or bar each: kept as they are
 
 
 def tint(color: str, shade: float) -> str:
@@ -101,6 +101,7 @@ class RunData:
         self.event_counts: dict[str, int] = {}
         self.markers: list[dict[str, Any]] = []  # control and control_request events
         self.memory: dict[int, dict[str, float]] = {}  # rank -> bytes by kind
+        self.idle: dict[int, dict[str, _Column]] = {}  # rank -> step, idle fraction (sampled steps: idle_s)
         self.layouts: list[tuple[int, int]] = []  # (from step, ranks) of each layout the run had, once it changed
         self.kept: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KEPT}
         if read:
@@ -139,6 +140,10 @@ class RunData:
                 for name in ("loss", "samples", "step_time", *TIMES, *MODELLED):
                     value = event.get(name)
                     columns[name].append(nan if value is None else value)
+                if event.get("idle_s") is not None and event.get("step_time"):
+                    idle = self.idle.setdefault(event["rank"], {"step": _Column(), "fraction": _Column()})
+                    idle["step"].extend([event["step"]])
+                    idle["fraction"].extend([min(event["idle_s"] / event["step_time"], 1.0)])
             elif kind in ("control", "control_request"):
                 self.markers.append(event)
             elif kind == "memory":
