@@ -36,6 +36,7 @@ __all__ = [
     "timeline",
     "staleness",
     "federated",
+    "costmodel",
     "balance",
 ]
 
@@ -46,7 +47,7 @@ _LAZY = {
     "sweep": "view.sweeps",
     "report": "view.figures",
 }
-_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "balance")
+_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "costmodel", "balance")
 
 
 def __getattr__(name: str) -> Any:
