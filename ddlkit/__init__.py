@@ -38,6 +38,7 @@ __all__ = [
     "timeline",
     "staleness",
     "federated",
+    "costmodel",
     "balance",
 ]
 
@@ -48,7 +49,7 @@ _LAZY = {
     "sweep": "view.sweeps",
     "report": "view.figures",
 }
-_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "balance")
+_VIEW_MODULES = ("figures", "timeline", "staleness", "federated", "costmodel", "balance")
 
 
 def __getattr__(name: str) -> Any:

@@ -34,6 +34,8 @@ from .knobs import (
     positive_number,
     within,
 )
+from .network import VALID as NETWORK_VALID
+from .network import problem as network_problem
 
 MODELS = ("mlp", "cnn", "lm")
 DATASETS = ("digits", "synthetic", "regression", "sonnets")
@@ -49,6 +51,13 @@ class StrategyKnob(Knob):
 
     def problem(self, value: Any) -> str | None:
         return choice_problem(self.name, value, registry.names())
+
+
+class NetworkKnob(Knob):
+    """``network``: the message says what is wrong with a preset name or a dict (``ddlkit.network``)."""
+
+    def problem(self, value: Any) -> str | None:
+        return network_problem(value)
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,15 @@ COMMON: dict[str, Knob] = {
             None,
             "every this many steps (rounds), the loss and accuracy on a held-out share of the data no rank trains on",
             allow_none=True,
+        ),
+        NetworkKnob(
+            "network",
+            "loopback",
+            lambda value: network_problem(value) is None,
+            NETWORK_VALID,
+            None,  # the ControlPanel draws its own menu (view.fields.network_menu)
+            "the network between the ranks: every collective and message also takes the alpha-beta model's time "
+            "(ddlkit.network; live: run.control(network=...))",
         ),
     )
 }

@@ -1,7 +1,6 @@
 """RunConfig: one experiment, validated before any process starts, serialisable.
 
-The same config travels to every worker (as JSON), to the CLI (YAML or JSON)
-and into ``runs/<id>/config.json``, so a run can always be reproduced.
+The same config travels to every worker (as JSON), to the CLI (YAML or JSON) and into ``runs/<id>/config.json``.
 
 The fields below are common to every strategy. A strategy's own fields (the
 parameter server's ``sync``, the pipeline's ``micro_batches``, ...) are knobs
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import limits, registry
+from . import limits, network, registry
 from .common import COMMON, DATASETS, DEVICES, MODELS, OPTIMIZERS
 from .files import write_atomic
 from .knobs import check_faults, check_stragglers, require
@@ -100,6 +99,7 @@ class RunConfig:
     # Held-out evaluation, any strategy: every `eval_every` steps (rounds) an `eval` event with the loss and accuracy
     # on ddlkit.data.HELD_OUT of the data, which no rank then trains on (None: no evaluation, every sample trains).
     eval_every: int | None
+    network: str | dict[str, float]  # between the ranks: ddlkit.network (live: run.control(network=...))
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "knobs", {})
@@ -160,6 +160,7 @@ class RunConfig:
         limits.check_ranks(self.world_size, self.resolved_device(), self.oversubscribe, self.threads)
         check_faults(self.faults(), self.world_size, self.steps, self.max_restarts)
         check_stragglers(self.slowdown, self.delay_s, self.delay_jitter_s, self.world_size)
+        require(network.problem(self.network, self.resolved_device()))
         check_speeds(self.speeds, self.rank_profile, self.world_size)
         self._validate_knobs(spec)
         if self.checkpoint_every is not None and spec.checkpoint is None:

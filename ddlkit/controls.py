@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .knobs import Knob, is_number, positive_number
+from .network import VALID as NETWORK_VALID
+from .network import problem as network_problem
 
 # What Run.control accepts, with a check and the same in words for each value.
 CONTROLS = {
@@ -38,6 +40,7 @@ CONTROLS = {
         lambda v: isinstance(v, dict) and all(isinstance(r, int) and is_number(f) and f >= 1 for r, f in v.items()),
         "a dict {rank: factor >= 1}, e.g. {1: 3.0} makes rank 1 three times slower",
     ),
+    "network": (lambda v: network_problem(v) is None, NETWORK_VALID),
 }
 RANK_KEYED = ("slowdown",)
 # A followed run's controls (ddlkit.follow): every change so far, as JSON, with a rising "sequence".
@@ -89,6 +92,7 @@ class Controls:
     stop: bool = False
     save: bool = False  # at the stop, checkpoint the step
     slowdown: dict[int, float] = field(default_factory=dict)
+    network: Any = None  # None: as the config says
     knobs: dict[str, Any] = field(default_factory=dict)  # the strategy's live knobs changed so far
     next_sync: int = 0  # the step of the next agreement
 

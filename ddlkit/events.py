@@ -38,6 +38,8 @@ class Step(Event):
     compute_s: NotRequired[float]
     comm_s: NotRequired[float]
     wait_s: NotRequired[float]
+    network_s: NotRequired[float]
+    comm_bytes: NotRequired[int]
     idle_s: NotRequired[float]
     transfer_s: NotRequired[float]
     staleness: NotRequired[int]
@@ -91,6 +93,8 @@ class Comm(Event):
     step: int
     comm_bytes: int
     comm_calls: int
+    wire_bytes: NotRequired[int]  # what the algorithms move per rank (ring all-reduce: 2(n-1)/n of the payload)
+    network_s: NotRequired[float]  # the emulated network's modelled seconds in that step
 
 
 class ControlRequest(Event):
@@ -99,6 +103,7 @@ class ControlRequest(Event):
     stop: NotRequired[bool]
     save: NotRequired[bool]
     slowdown: NotRequired[dict[str, float]]
+    network: NotRequired[Any]  # a preset name or {"latency_ms": ..., "bandwidth_gbps": ...}
     knobs: NotRequired[dict[str, Any]]  # a strategy's live knobs, by name
 
 
@@ -139,6 +144,9 @@ class Finished(Event):
     stopped: NotRequired[bool]
     updates: NotRequired[int]
     param_checksum: NotRequired[float]
+    payload_bytes: NotRequired[int]
+    wire_bytes: NotRequired[int]
+    network_s: NotRequired[float]
 
 
 class Beat(Event):

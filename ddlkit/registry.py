@@ -56,6 +56,10 @@ def _config_steps(cfg: Any) -> int:
     return int(cfg.steps)
 
 
+def _one(cfg: Any) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """What a strategy file declares about itself.
@@ -79,6 +83,7 @@ class StrategySpec:
     - ``evaluator(cfg)``: the rank that measures the held-out data (``eval_every``):
       one whose ``full_state_dict()`` is the whole model at its steps.
     - ``length(cfg)``: the steps (a round-based strategy: rounds) a run takes; progress bars end there.
+    - ``accumulation(cfg)``: micro-batches of ``batch_size`` one step takes on each replica (gradient accumulation).
     """
 
     name: str
@@ -95,6 +100,7 @@ class StrategySpec:
     position: int = 100
     evaluator: Callable[[Any], int] = _rank_zero
     length: Callable[[Any], int] = _config_steps
+    accumulation: Callable[[Any], int] = _one
     module: str = field(default="", compare=False)
 
 

@@ -125,6 +125,7 @@ def test_timing_only_sampled_steps_leaves_the_others_estimated(runs_dir):
         (dict(balance="always"), r"balance='always' is invalid: valid values are \['none', 'static', 'dynamic'\]"),
         (dict(balance_every=0), r"balance_every=0 is invalid: it must be a positive integer"),
         (dict(time_every=0), r"time_every=0 is invalid: it must be a positive integer"),
+        (dict(balance="static", grad_accumulation=2), r"balance='static' is invalid with grad_accumulation=2"),
         (dict(sample_work_s=-1e-3), r"sample_work_s=-0.001 is invalid: it must be a number >= 0"),
         (
             dict(strategy="pipeline", pp=2, balance="dynamic"),

@@ -705,6 +705,7 @@ def write_all(folder: Path = NOTEBOOKS) -> None:
         ("04_async_parameter_server.ipynb", ASYNC_PARAMETER_SERVER),
         ("05_fault_tolerance.ipynb", FAULT_TOLERANCE),
         ("06_federated.ipynb", cells_from("notebook_federated.py", "FEDERATED")),
+        ("07_communication.ipynb", cells_from("notebook_communication.py", "COMMUNICATION")),
         ("08_load_balancing.ipynb", cells_from("notebook_load_balancing.py", "LOAD_BALANCING")),
         ("09_from_notebook_to_cluster.ipynb", cells_from("notebook_cluster.py", "CLUSTER")),
     ]:

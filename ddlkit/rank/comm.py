@@ -42,7 +42,7 @@ class CommCounter(TorchDispatchMode):
         namespace, name = func.namespace, func.__name__
         if namespace in ("c10d", "_c10d_functional") and not name.startswith(("recv", "wait", "barrier")):
             sent = args[1] if namespace == "c10d" and name.startswith(_OUTPUT_FIRST) else args[0]
-            self.bytes += _nbytes(sent)
+            self.bytes += nbytes(sent)
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -51,9 +51,10 @@ class CommCounter(TorchDispatchMode):
         return events.Comm(type="comm", step=step, comm_bytes=self.bytes, comm_calls=self.calls)
 
 
-def _nbytes(value: Any) -> int:
+def nbytes(value: Any) -> int:
+    """Bytes of a tensor, or of the tensors in a (nested) list."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
+        return sum(nbytes(v) for v in value)
     return 0

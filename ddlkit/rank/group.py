@@ -7,7 +7,8 @@ under an agent store all use the same keys (``default_pg/...``): a restarted
 rank would read the dead attempt's addresses and fail to connect ("Connection
 refused") or hang. So every attempt joins its group under its own
 ``PrefixStore("/attempt_<n>", store)`` (FIELD-NOTES: 10/10 clean restarts
-that way), with a timeout.
+that way), with a timeout. CPU ranks use the ``emulated`` backend
+(``ddlkit.rank.emulated``): gloo, with the config's network delays added.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from .emulated import register as emulated_backend
 from .faults import attempt_number
 
 
@@ -29,7 +31,7 @@ def join_attempt_group(device: str, timeout: timedelta) -> None:
         return
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo",
+        "nccl" if device == "cuda" else emulated_backend(),  # gloo, behind the emulated network
         timeout=timeout,
         world_size=world_size,
         rank=int(os.environ["RANK"]),

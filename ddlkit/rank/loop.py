@@ -26,7 +26,9 @@ from ..config import RunConfig
 from ..data import Dataset, ShardedStream, held_out_split, load_dataset, subset
 from ..files import save_torch
 from ..models import build_model
+from ..network import link_of
 from .comm import CommCounter
+from .emulated import NETWORK
 from .evaluate import HeldOut
 from .faults import attempt_number, faults_for, inject_fault
 from .group import join_attempt_group
@@ -45,6 +47,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     # A peer that hangs must not hold the others forever: the kernel's hang
     # detector fires first, this timeout is the backstop.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=2 * cfg.hang_timeout))
+    NETWORK.link = link_of(cfg.network)  # before the first collective (live: RankContext.follow)
     join_attempt_group(cfg.resolved_device(), timeout.timeout)  # a restarted attempt must not meet the old one's keys
     accelerator = Accelerator(cpu=cfg.resolved_device() == "cpu", kwargs_handlers=[timeout])
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -68,7 +71,9 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
         faults_for(cfg, rank, attempt_number()),
         run_dir,
         dataset,
-        ShardedStream(len(dataset), cfg.batch_size, strategy.dp_rank, strategy.dp_size, cfg.seed),
+        ShardedStream(
+            len(dataset), cfg.batch_size * spec.accumulation(cfg), strategy.dp_rank, strategy.dp_size, cfg.seed
+        ),
         cfg.lr,
         held_out=held_out,
     )
@@ -76,6 +81,7 @@ def train(cfg: RunConfig, reporter: Reporter, run_dir: Path) -> dict[str, Any]:
     reporter.mark_started()  # every rank has joined the group: from here a rank without steps hangs
     summary = strategy.serve(ctx) if strategy.serves() else run_steps(ctx, strategy, spec)
     summary.update(strategy.finish(ctx))
+    summary.update(NETWORK.totals())
     state = strategy.full_state_dict()
     if rank == 0:
         save_torch(state, run_dir / "final_state.pt")
@@ -116,6 +122,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
         if step in ctx.faults:
             inject_fault(ctx.faults[step], step)
         ctx.straggled, ctx.step, ctx.step_started = False, step, step_start
+        network_before, bytes_before = NETWORK.seconds, NETWORK.payload_bytes
         stats = measured_step(ctx, strategy, step, inputs, targets)
         for event in stats.events:  # e.g. pipeline spans; the reporter sends them in its batches
             reporter.send({**event, "step": step})
@@ -132,6 +139,8 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
                 compute_s=stats.compute_s,
                 comm_s=stats.comm_s,
                 **{"wait_s": wait_s, **stats.row},
+                network_s=NETWORK.seconds - network_before,
+                comm_bytes=NETWORK.payload_bytes - bytes_before,
             )
         else:
             reporter.last_step = step  # progress for the hang detector, no event
@@ -147,7 +156,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
     keep = ctx.controls.current.save or cfg.checkpoint_every is not None
     if stopped and checkpoints and keep and not checkpoints.due(steps_done):
         checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
-    samples = (steps_done - first_step) * cfg.batch_size * strategy.dp_size
+    samples = (steps_done - first_step) * cfg.batch_size * spec.accumulation(cfg) * strategy.dp_size
     return {"steps": steps_done, "samples": samples, "train_s": train_s, "stopped": stopped}
 
 
@@ -159,11 +168,16 @@ def measured_step(
     if step != min(MEMORY_STEP, ctx.cfg.steps - 1):
         return strategy.step(inputs, targets)
     optimizer = strategy.optimizer
+    before = NETWORK.totals()
     with MemoryMeter(optimizer) if optimizer is not None else nullcontext() as meter, CommCounter() as comm:
         stats = strategy.step(inputs, targets)
     if meter is not None:
         ctx.reporter.send(meter.event(step))
-    ctx.reporter.send(comm.event(step))
+    after = NETWORK.totals()
+    wire, seconds = int(after["wire_bytes"] - before["wire_bytes"]), after["network_s"] - before["network_s"]
+    event = comm.event(step)
+    event.update(wire_bytes=wire, network_s=seconds)
+    ctx.reporter.send(event)
     return stats
 
 

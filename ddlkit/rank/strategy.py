@@ -35,6 +35,9 @@ from ..config import RunConfig
 from ..controls import Controls
 from ..data import Dataset, ShardedStream
 from ..events import Event
+from ..models import loss_fn
+from ..network import link_of
+from .emulated import NETWORK
 from .evaluate import HeldOut, due
 from .faults import inject_fault
 from .reporter import Reporter
@@ -90,9 +93,12 @@ class RankContext:
         return self.straggler.delay(self.controls.current, work_started, simulated_s)
 
     def follow(self, live: Controls, strategy: Strategy) -> None:
-        """Apply what changed in this step's controls: the learning rate, and the
-        strategy's live knobs (set on ``cfg``, then ``strategy.on_knobs``)."""
+        """Apply what changed in this step's controls: the learning rate, the
+        emulated network, and the strategy's live knobs (set on ``cfg``, then ``strategy.on_knobs``)."""
         self.lr = follow_lr(live, self.lr, strategy.set_lr)
+        if live.network is not None and live.network != self.cfg.network:
+            self.cfg.network = live.network
+            NETWORK.link = link_of(live.network)
         changed = {name: value for name, value in live.knobs.items() if getattr(self.cfg, name) != value}
         for name, value in changed.items():
             setattr(self.cfg, name, value)
@@ -161,6 +167,18 @@ class Strategy(Protocol):
     def on_knobs(self, changed: dict[str, Any]) -> None:
         """Live knobs changed (already set on ``cfg``): act on them if reading ``cfg`` later is not enough."""
         return None
+
+
+def local_step(
+    model: torch.nn.Module, task: str, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Forward, backward and an optimizer step on this rank's model (whatever communication its
+    wrapping does inside); returns the loss, detached."""
+    loss = loss_fn(task, model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def make_optimizer(cfg: RunConfig) -> OptimizerFactory:

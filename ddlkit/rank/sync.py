@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .. import events
 from ..controls import Controls, to_json
+from .emulated import unmetered
 from .reporter import Reporter
 
 SYNC_S = 0.1  # how often, in training time, the ranks agree on the controls
@@ -75,7 +76,8 @@ class ControlSync:
             assert proposal is not None
             return proposal
         box = [proposal]
-        dist.broadcast_object_list(box, src=0)
+        with unmetered():  # ddlkit's own traffic: not the run's communication
+            dist.broadcast_object_list(box, src=0)
         agreed = box[0]
         assert agreed is not None  # rank 0 always proposes
         return agreed

@@ -59,7 +59,7 @@ class Balancer:
     def __init__(self, cfg: RunConfig, dp_rank: int, dp_size: int) -> None:
         self.mode, self.every, self.steps = cfg.balance, cfg.balance_every, cfg.steps
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.global_batch = cfg.batch_size * dp_size
+        self.global_batch = cfg.batch_size * cfg.grad_accumulation * dp_size  # a step's samples, all micro-batches
         self.by_declared = self.mode != "none" and declared(cfg)
         weights = rank_speeds(cfg.speeds, cfg.rank_profile, dp_size, cfg.seed) if self.by_declared else [1.0] * dp_size
         self.shares = split_batch(self.global_batch, weights)

@@ -26,8 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from ..config import RunConfig
-from ..models import CharTransformer, loss_fn
-from ..rank.strategy import OptimizerFactory, StepStats, Strategy
+from ..models import CharTransformer
+from ..rank.strategy import OptimizerFactory, StepStats, Strategy, local_step
 from ..registry import StrategySpec, register
 from .sharding import full_state_dict
 from .state import WholeState
@@ -55,11 +55,8 @@ class FullyShardedDataParallel(WholeState, Strategy):
         # All-gathers and reduce-scatters run inside forward and backward
         # (overlapped with compute), so there is no separate comm time here.
         start = time.perf_counter()
-        loss = loss_fn(self.task, self.model(inputs), targets)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss.detach(), compute_s=time.perf_counter() - start, comm_s=0.0)
+        loss = local_step(self.model, self.task, self.optimizer, inputs, targets)
+        return StepStats(loss, compute_s=time.perf_counter() - start, comm_s=0.0)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.model)

@@ -57,6 +57,10 @@ class ControlPanel:
         self.error = widgets.HTML(layout=widgets.Layout(display="none"))
         self.knob_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))  # federated has ~20 knobs
         self.slow_rank, self.slowdown = self._straggler_row()
+        self.network = self.fields["network"] = fields.network_menu(self.base.network)  # sent live during a run
+        self.hints["network"] = fields.NETWORK
+        self.network.observe(lambda _: self._validate(), "value")
+        self.network.observe(lambda _: self._send_knob("network"), "value")
         self.dashboard_box = widgets.VBox(layout=widgets.Layout(width="100%"))
         for name, hint in fields.COMMON.items():
             self._add_field(name, hint)
@@ -74,7 +78,7 @@ class ControlPanel:
                 widgets.HBox([f["strategy"], f["world_size"], f["model"], f["dataset"]]),
                 widgets.HBox([f["batch_size"], f["steps"], f["lr"]]),
                 self.knob_box,
-                widgets.HBox([self.slow_rank, self.slowdown]),
+                widgets.HBox([self.slow_rank, self.slowdown, self.network]),
                 widgets.HBox([self.run_button, self.pause_button, self.stop_button, self.progress]),
                 self.status,
                 self.error,
@@ -116,6 +120,7 @@ class ControlPanel:
                 name: fields.value_of(self.hints[name], self.fields[name]) for name in shown if name in self.fields
             },  # a new strategy's knobs appear after this check
             slowdown=self._slowdown() or None,
+            network=self.network.value,
         )
 
     def _slowdown(self) -> dict[int, float]:

@@ -17,10 +17,12 @@ import ipywidgets as widgets
 from .. import common, registry
 from ..config import RunConfig
 from ..knobs import Widget
+from ..network import PRESETS, name_of
 
 # The common fields the panel shows, as its first two rows (widgets: ddlkit.common).
 ROWS = (("strategy", "world_size", "model", "dataset"), ("batch_size", "steps", "lr"))
 COMMON = {name: hint for row in ROWS for name in row if (hint := common.COMMON[name].widget) is not None}
+NETWORK = Widget("choice", "network", options=tuple(PRESETS))  # a config's own dict joins the menu's options
 
 
 def fields_of(cfg: RunConfig) -> list[tuple[str, Widget]]:
@@ -82,3 +84,19 @@ def value_of(hint: Widget, widget: widgets.ValueWidget) -> Any:
     """The config value a widget holds (its ``none_as`` back to None)."""
     value = widget.value
     return None if hint.none_as is not None and value == hint.none_as else value
+
+
+def network_menu(network: Any) -> widgets.Dropdown:
+    """The emulated network's menu (``ddlkit.network``): the presets, and the config's own dict if it has one."""
+    options = [(name, name) for name in PRESETS]
+    if not isinstance(network, str):
+        options.append((name_of(network), network))
+    menu = widgets.Dropdown(
+        options=options,
+        value=network,
+        description="network",
+        style={"description_width": "initial"},
+        layout=widgets.Layout(width="190px"),
+    )
+    menu.add_class("ddlkit-network")  # a handle for browser tests and custom CSS
+    return menu

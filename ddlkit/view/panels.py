@@ -18,7 +18,7 @@ from typing import Any
 from ..kernel.run import Run
 from . import balance, federated, staleness, timeline
 from .rundata import Context, RunData
-from .traces import TraceFunction, breakdown, loss, memory, series_name, speedup, throughput
+from .traces import TraceFunction, breakdown, emulates, loss, memory, network, series_name, speedup, throughput
 
 
 @dataclass
@@ -94,6 +94,14 @@ PANELS: list[Panel] = [
         when=lambda runs, ctx: ctx.baseline is not None,
         x_title="ranks",
         y_title="speedup",
+    ),
+    Panel(
+        "network",
+        "comm per step: measured (solid) vs network model (dotted)",
+        network,
+        when=emulates,
+        x_title="step",
+        y_title="ms",
     ),
     Panel(
         "memory",

@@ -25,6 +25,7 @@ MAX_POINTS = 600  # per trace sent to the browser: a panel is 400-600 px wide
 RECENT_POINTS = 200  # the newest points of a trace are never thinned
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 TIMES = ("compute_s", "comm_s", "wait_s")
+MODELLED = ("network_s",)  # seconds the emulated network's model added (ddlkit.rank.emulated)
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes")
 KEPT = ("eval", "round", "partition", "balance", "cuts")  # events panels draw one point or bar each: kept as they are
 
@@ -66,7 +67,7 @@ class _Column:
 class _PerStep:
     """Arrays indexed by step number, folded over ranks as events arrive."""
 
-    FIELDS = ("count", "loss_sum", "samples_sum", "step_time_max", "time_max", *TIMES)
+    FIELDS = ("count", "loss_sum", "samples_sum", "step_time_max", "time_max", *TIMES, *MODELLED)
 
     def __init__(self) -> None:
         self.arrays = {name: np.zeros(256) for name in self.FIELDS}
@@ -82,7 +83,7 @@ class _PerStep:
         np.add.at(a["samples_sum"], steps, np.nan_to_num(columns["samples"]))
         np.maximum.at(a["step_time_max"], steps, np.nan_to_num(columns["step_time"]))
         np.maximum.at(a["time_max"], steps, columns["time"])
-        for name in TIMES:
+        for name in (*TIMES, *MODELLED):
             np.add.at(a[name], steps, np.nan_to_num(columns[name]))
 
 
@@ -126,7 +127,7 @@ class RunData:
             return 0
         started = self.run.started
         columns: dict[str, list[float]] = {
-            k: [] for k in ("rank", "step", "time", "loss", "samples", "step_time", *TIMES)
+            k: [] for k in ("rank", "step", "time", "loss", "samples", "step_time", *TIMES, *MODELLED)
         }
         nan = math.nan
         for event in new:
@@ -136,7 +137,7 @@ class RunData:
                 columns["rank"].append(event["rank"])
                 columns["step"].append(event["step"])
                 columns["time"].append(event["time"] - started)
-                for name in ("loss", "samples", "step_time", *TIMES):
+                for name in ("loss", "samples", "step_time", *TIMES, *MODELLED):
                     value = event.get(name)
                     columns[name].append(nan if value is None else value)
                 if event.get("idle_s") is not None and event.get("step_time"):

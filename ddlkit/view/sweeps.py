@@ -35,7 +35,7 @@ import plotly.graph_objects as go
 from ..config import RunConfig
 from ..kernel.launch import launch
 from ..kernel.run import Run
-from . import figures
+from . import costmodel, figures
 
 BATCH_MODES = ("global", "per_rank")
 SMOOTH_STEPS = 10  # the loss is averaged over this many steps before comparing it with the target
@@ -61,11 +61,15 @@ def sweep(
     threads: int | None = 1,
     target_loss: float | None = None,
     timeout: float = 600,
+    calibration: costmodel.Calibration | None = None,
 ) -> SweepResult:
     """Run ``cfg`` at each world size, one run after the other.
 
     ``target_loss``: for the time-to-target column; by default the highest
-    smoothed final loss of the runs, which every run reaches.
+    smoothed final loss of the runs, which every run reaches. ``calibration``
+    (``ddlkit.costmodel.calibrate``): the cost model's prediction joins the
+    table (``predicted_samples_per_s``, ``predicted_speedup``, ``error_ratio``
+    = measured / predicted) and the speed-up panel (dashed).
 
     Example (it runs the experiment twice, so it is no doctest)::
 
@@ -105,6 +109,8 @@ def sweep(
     table.attrs.update(target_loss=target, batch=batch, cores=cores)
     figure = figures.figure(runs, baseline=runs[0], keys=["loss_time", "speedup"])
     figure.update_layout(title=f"sweep over {list(world_sizes)} ranks ({batch} batch kept), {cores} cores")
+    if calibration is not None:
+        table = costmodel.overlay(table, figure, cfg, calibration, batch)
     return SweepResult(table, figure, runs)
 
 

@@ -229,6 +229,33 @@ def speedup(runs: list[RunData], ctx: Context) -> list[Any]:
     return out
 
 
+def network(runs: list[RunData], ctx: Context) -> list[Any]:
+    """Per step, the communication time measured (solid) beside what the
+    emulated network's alpha-beta model added to it (dotted), ranks averaged."""
+    out = []
+    for data in runs:
+        steps = data.steps(complete=True)
+        for name, dash, label in (("comm_s", "solid", "comm measured"), ("network_s", "dot", "network model")):
+            out.append(
+                dict(
+                    type="scatter",
+                    x=steps,
+                    y=data.mean(name, steps) * 1e3,
+                    mode="lines",
+                    name=series_name(data, runs, label),
+                    legendgroup=data.run.id,
+                    line={"color": data.color, "dash": dash},
+                    showlegend=False,
+                )
+            )
+    return out
+
+
+def emulates(runs: list[RunData], ctx: Context) -> bool:
+    """Some run's steps went over an emulated network."""
+    return any(data.per_step.arrays["network_s"].any() for data in runs)
+
+
 def memory(runs: list[RunData], ctx: Context) -> list[Any]:
     """Bytes each rank holds, stacked by kind (from `memory` events)."""
     out = []
