@@ -14,6 +14,7 @@ import importlib
 from typing import Any
 
 from .config import RunConfig
+from .kernel.follow import follow
 from .kernel.launch import launch
 from .kernel.records import load_run
 from .kernel.run import Result, Run, RunFailed, RunInterrupted
@@ -28,6 +29,7 @@ __all__ = [
     "RunInterrupted",
     "Result",
     "load_run",
+    "follow",
     "Dashboard",
     "ControlPanel",
     "sweep",

@@ -3,6 +3,7 @@
 ddlkit run --strategy data --world-size 2 --steps 100
 ddlkit run experiment.yaml --lr 0.1
 ddlkit demo
+ddlkit slurm experiment.yaml --nodes 4 --gpus-per-node 8
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from . import registry
+from . import registry, slurm
 from .config import RunConfig
 from .flags import add_field_flags, strategies_text, values
 from .kernel.launch import launch
@@ -53,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     add_field_flags(run_cmd)
     demo_cmd = commands.add_parser("demo", help="a small data-parallel run, with an HTML report")
     demo_cmd.add_argument("--steps", type=int, default=DEMO.steps, help=f"optimizer steps (default {DEMO.steps})")
+    slurm.add_parser(commands)
     return top
 
 
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return _refuse(unknown_flags(unknown, top))
     try:
+        if opts.command == "slurm":
+            return slurm.command(opts)
         if opts.command == "demo":
             cfg, report = DEMO.replace(steps=opts.steps), True
         else:

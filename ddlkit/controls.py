@@ -43,6 +43,8 @@ CONTROLS = {
     "network": (lambda v: network_problem(v) is None, NETWORK_VALID),
 }
 RANK_KEYED = ("slowdown",)
+# A followed run's controls (ddlkit.follow): every change so far, as JSON, with a rising "sequence".
+CONTROL_FILE = "control.json"
 
 
 def check(changes: dict[str, Any], live_knobs: Sequence[Knob] = ()) -> None:

@@ -134,6 +134,7 @@ class Layout(Event):
 
 class Error(Event):
     traceback: str
+    restarting: NotRequired[bool]
 
 
 class Finished(Event):

@@ -707,6 +707,7 @@ def write_all(folder: Path = NOTEBOOKS) -> None:
         ("06_federated.ipynb", cells_from("notebook_federated.py", "FEDERATED")),
         ("07_communication.ipynb", cells_from("notebook_communication.py", "COMMUNICATION")),
         ("08_load_balancing.ipynb", cells_from("notebook_load_balancing.py", "LOAD_BALANCING")),
+        ("09_from_notebook_to_cluster.ipynb", cells_from("notebook_cluster.py", "CLUSTER")),
     ]:
         write(name, cells, folder)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import checkpoint
 from ..files import open_private_fd, write_json
+from .follow import read_meta, status_of
 from .run import Run
 
 STATUSES = ("done", "failed", "stopped")
@@ -132,8 +133,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a run folder (expected runs/<id>/)")
+    if not (path / "events.jsonl").exists() and any(path.glob("events-rank*.jsonl")):
+        return _load_rank_logs(path)
     meta = _read_meta(path)
-    logs = [path / "events.jsonl"] if (path / "events.jsonl").exists() else sorted(path.glob("events-rank*.jsonl"))
+    logs = [path / "events.jsonl"] if (path / "events.jsonl").exists() else []
     if not (path / "run.json").exists() and not logs:
         raise ValueError(f"{path} is not a run folder: it has no run.json, events.jsonl or events-rank<r>.jsonl")
     events = [event for log in logs for event in read_events(log) if event["type"] != "beat"]
@@ -152,6 +155,23 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         ranks_done = {e["rank"] for e in events if e.get("type") == "finished"}
         status = "done" if ranks_done and len(ranks_done) == world_size else "stopped"
         run.restore(run.summarise(status, events[-1]["time"] if events else started))
+    return run
+
+
+def _load_rank_logs(path: Path) -> Run:
+    """A folder that ranks of another launcher wrote: their ``events-rank<r>.jsonl``, merged in time order."""
+    meta = read_meta(path)
+    logs = sorted(path.glob("events-rank*.jsonl"))  # each read as events.jsonl is: torn lines skipped, with why
+    events = sorted((e for log in logs for e in read_events(log) if e["type"] != "beat"), key=lambda e: e["time"])
+    started = meta.get("started", events[0]["time"] if events else 0.0)
+    world_size = meta.get("world_size", len({e["rank"] for e in events if isinstance(e.get("rank"), int)}))
+    if world_size < 1:
+        raise ValueError(f"{path} is not a run folder: neither run.json nor any event names a rank")
+    run = Run(meta.get("id", path.name), path, world_size, started, meta)
+    run.record(events)
+    status, error = status_of(events, world_size)
+    summary = run.summarise(status or "stopped", events[-1]["time"] if events else started)
+    run.restore({**summary, "error": error} if error else summary)
     return run
 
 

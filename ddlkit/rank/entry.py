@@ -31,6 +31,7 @@ from .. import events
 from ..config import RunConfig
 from ..files import check_own_dir, make_dir, save_torch, set_file_mode
 from ..runid import check_folder_name, is_run_id, new_run_id
+from .elastic import describe_run, restarts_left, resume_after_restart, watch_control_file
 from .loop import train
 from .reporter import Reporter
 
@@ -59,7 +60,7 @@ def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn
         text = traceback.format_exc()
         if not reporter.to_kernel:  # the kernel shows it once, in RunFailed, and keeps it in rank<r>.log
             sys.stderr.write(text)
-        reporter.error(text)
+        reporter.error(text, restarting=restarts_left() > 0)
     finally:
         reporter.close()
         sys.stdout.flush()
@@ -110,6 +111,13 @@ def agreed_run_id() -> str:
     return agreed
 
 
+def unattended(run_dir: Path, rank: int, reporter: Reporter) -> Reporter:
+    """A rank of another launcher: resume after its restart, and take controls from the control file."""
+    resume_after_restart(run_dir, rank, reporter)
+    watch_control_file(run_dir, reporter)
+    return reporter
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="python -m ddlkit.worker", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="a RunConfig as YAML or JSON")
@@ -126,12 +134,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
         run_dir = Path(os.environ["DDLKIT_RUN_DIR"])
         serve(rank, run_dir, lambda reporter: train(read_config(opts.config), reporter, run_dir))
     cfg = read_config(opts.config)  # started by another launcher: the folder comes from the config
+    ranks = int(os.environ.get("WORLD_SIZE", cfg.world_size))
+    if ranks != cfg.world_size:
+        raise ValueError(
+            f"{opts.config} has world_size: {cfg.world_size}, but the launcher started {ranks} ranks (WORLD_SIZE): "
+            f"set world_size: {ranks} in the config, or start {cfg.world_size} ranks"
+        )
     run_dir = Path(cfg.run_dir) / agreed_run_id()
     check_own_dir(make_dir(run_dir))  # private; refused if someone else made it
     if rank == 0 and not (run_dir / "config.json").exists():
         cfg.save(run_dir / "config.json")
         set_file_mode(run_dir / "config.json")
-    serve(rank, run_dir, lambda reporter: train(cfg, reporter, run_dir))
+    describe_run(run_dir, rank)
+    serve(rank, run_dir, lambda reporter: train(cfg, unattended(run_dir, rank, reporter), run_dir))
 
 
 def read_config(path: str) -> RunConfig:

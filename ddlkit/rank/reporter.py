@@ -59,7 +59,11 @@ class Reporter:
     def __init__(self, rank: int, conn: Connection | None = None, file: Path | None = None):
         self.rank = rank
         self._conn = conn
-        self._file = open_private(file, "a") if file is not None else None
+        self._file = None
+        if file is not None:
+            self._file = open_private(file, "a")
+            if _ends_half_written(file):
+                self._file.write("\n")  # a restarted rank ends the line its killed predecessor left half-written
         self._lock = threading.Lock()
         self._pending: deque[dict[str, Any]] = deque()  # append and popleft are atomic
         self.last_step = -1
@@ -125,8 +129,12 @@ class Reporter:
     def _beat(self) -> events.Beat:
         return events.Beat(type="beat", step=self.last_step, started=self.started, waiting=main_thread_waiting())
 
-    def error(self, traceback_text: str) -> None:
-        self.send(events.Error(type="error", traceback=traceback_text), now=True)
+    def error(self, traceback_text: str, restarting: bool = False) -> None:
+        """``restarting``: the launcher will start the ranks again (a follower waits for them)."""
+        error = events.Error(type="error", traceback=traceback_text)
+        if restarting:
+            error["restarting"] = True
+        self.send(error, now=True)
 
     def flush(self) -> None:
         with self._lock:
@@ -178,14 +186,28 @@ class Reporter:
                     os._exit(1)
                 return
             if message.get("type") == "control":
-                # A replay (what was changed before this rank or attempt started) is in force from the
-                # start, like the config's settings: not a change to report (it would mark the curve again).
-                replay = message.get("replay") and self._control_version == 0
-                changes = from_json({k: v for k, v in message.items() if k not in ("type", "replay")})
-                knobs = {**self._controls.get("knobs", {}), **changes.pop("knobs", {})}
-                self._controls = {**self._controls, **changes, "knobs": knobs}
-                self._control_version += 0 if replay else 1
-                self._control_changed.set()
+                self.apply_control({k: v for k, v in message.items() if k != "type"})
+
+    def apply_control(self, message: dict[str, Any]) -> None:
+        """Take changes to the controls (as JSON: ``ddlkit.controls.to_json``),
+        from the kernel's channel or a follower's control file."""
+        # A replay (what was changed before this rank or attempt started) is in force from the
+        # start, like the config's settings: not a change to report (it would mark the curve again).
+        replay = message.get("replay") and self._control_version == 0
+        changes = from_json({k: v for k, v in message.items() if k != "replay"})
+        knobs = {**self._controls.get("knobs", {}), **changes.pop("knobs", {})}
+        self._controls = {**self._controls, **changes, "knobs": knobs}
+        self._control_version += 0 if replay else 1
+        self._control_changed.set()
+
+
+def _ends_half_written(path: Path) -> bool:
+    """Whether the log ends in the middle of a line."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def main_thread_waiting() -> bool:
