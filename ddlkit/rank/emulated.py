@@ -25,6 +25,7 @@ live controls) runs :func:`unmetered`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -153,11 +154,20 @@ for _name, (_kind, _at) in _OPS.items():
 GLOO_THREADS = 8  # torch's PowerSGD hook blocks one gloo thread per bucket in a callback: gloo's default 2 deadlocked
 
 
+def gloo_devices() -> list[Any]:
+    """The interfaces gloo would use by itself: those GLOO_SOCKET_IFNAME names
+    (a node's veth, ddlkit's own ``lo``), else the one the hostname resolves to."""
+    names = [name for name in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
+    if not names:
+        return [dist.ProcessGroupGloo.create_default_device()]
+    return [dist.ProcessGroupGloo.create_device(interface=name) for name in names]
+
+
 def _create(options: Any, backend_options: Any) -> EmulatedGroup:
     """The backend's factory (torch's ``extended_api``): a gloo group inside ours."""
     gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # torch's, not in its stubs
     gloo_options._timeout = options.timeout
-    gloo_options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    gloo_options._devices = gloo_devices()
     setattr(gloo_options, "_threads", GLOO_THREADS)  # noqa: B010 (torch's option; ddlkit has a private `_threads`)
     gloo = dist.ProcessGroupGloo(options.store, options.group_rank, options.group_size, gloo_options)
     inner = dist.ProcessGroup(options.store, options.group_rank, options.group_size)
