@@ -23,7 +23,7 @@ def test_global_batch_is_split_and_per_rank_batch_is_kept():
     "kwargs, message",
     [
         ({"world_sizes": [1, 3]}, "world size 3 cannot split the global batch of 32"),
-        ({"threads": 0}, "threads=0 is invalid: it must be a positive integer"),
+        ({"threads": 0}, "threads=0 is invalid: it must be None or a positive integer"),
         ({"batch": "weak"}, "batch='weak' is invalid: valid values are ['global', 'per_rank']"),
         ({"world_sizes": [1, 2], "cfg": RunConfig(strategy="single", world_size=1)}, "invalid for strategy='single'"),
     ],
