@@ -135,6 +135,14 @@ COMMON: dict[str, Knob] = {
         ),
         choice("device", "auto", DEVICES, "device", "auto: cuda when a GPU is visible, else cpu"),
         integer("log_every", 1, 1, None, "send a step row every this many steps"),
+        integer(
+            "time_every",
+            20,
+            1,
+            None,
+            "lockstep strategies: time the wait for the slowest peer (idle) apart from moving bytes (transfer) "
+            "every this many steps",
+        ),
         _knob(
             "run_dir",
             "runs",

@@ -62,6 +62,9 @@ class RunConfig:
     seed: int
     device: str
     log_every: int
+    # Lockstep strategies time the wait for the slowest peer (idle_s) apart from transfer (transfer_s) on every
+    # `time_every`-th step (the same steps on every rank): docs/load-balancing.md.
+    time_every: int
     run_dir: str
     # A rank that makes no step for this many seconds is declared hung (its
     # first step gets at least 60 s: start-up can be slow).

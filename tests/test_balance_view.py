@@ -63,7 +63,10 @@ def test_idle_table_throughput_and_shares_per_run():
     assert ddlkit.balance.throughput(run) == pytest.approx(640.0)  # 64 samples a 0.1 s step
     assert ddlkit.balance.shares(run).loc[10].tolist() == [42, 22]
     plain = Run.from_events([{"type": "step", "rank": 0, "step": 0, "time": 1.0, "step_time": 0.1}])
-    with pytest.raises(ValueError, match="has no idle time: it is measured by strategy='data' with two or more"):
+    with pytest.raises(
+        ValueError,
+        match="has no idle time: it is measured on sampled steps .time_every. by a lockstep strategy with two or more",
+    ):
         ddlkit.balance.idle_table(plain)
 
 

@@ -105,6 +105,19 @@ def test_idle_is_split_from_transfer_and_shows_on_the_peers_of_a_slow_rank(runs_
     assert idle[0] > 0.5 * (compute[1] - compute[0])  # ... for about the slow rank's extra work
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "pipeline"])
+def test_the_rank_loop_times_idle_for_lockstep_strategies_without_a_hook(runs_dir, strategy):
+    # rank 1 sleeps 40 ms after each step: rank 0 waits that long for it at the probe
+    run = _train(runs_dir, strategy=strategy, world_size=2, steps=7, time_every=2, delay_s={1: 0.04})
+    rows = run.metrics
+    sampled = rows[rows["idle_s"].notna()]
+    assert sorted(set(sampled["step"])) == [0, 2, 4, 6] and len(sampled) == 8  # both ranks, sampled steps only
+    assert (sampled["comm_s"] == sampled["idle_s"] + sampled["transfer_s"]).all()
+    idle = sampled[sampled["step"] >= 2].groupby("rank")["idle_s"].median()
+    assert idle[0] > 0.03 and idle[1] < 0.01  # the peer waits, the slow rank does not
+    assert ddlkit.balance.idle_table(run)["idle_fraction"][0] > 3 * ddlkit.balance.idle_table(run)["idle_fraction"][1]
+
+
 def test_timing_only_sampled_steps_leaves_the_others_estimated(runs_dir):
     run = _train(runs_dir, world_size=2, batch_size=16, steps=12, time_every=5)
     rows = run.metrics

@@ -11,6 +11,7 @@ takes one step, or, on a serving rank, runs its own ticks through
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .. import events, registry
 from ..checkpoint import Checkpointer
@@ -28,7 +30,7 @@ from ..files import save_torch
 from ..models import build_model
 from ..network import link_of
 from .comm import CommCounter
-from .emulated import NETWORK
+from .emulated import NETWORK, unmetered
 from .evaluate import HeldOut
 from .faults import attempt_number, faults_for, inject_fault
 from .group import join_attempt_group
@@ -128,6 +130,8 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
             reporter.send({**event, "step": step})
         if not ctx.straggled:
             ctx.straggle(step_start)  # a straggler, for teaching (slowdown, delay_s, delay_jitter_s)
+        if spec.lockstep and ctx.world_size > 1 and step % cfg.time_every == 0 and "idle_s" not in stats.row:
+            stats = with_idle(stats)  # the strategy does not split its communication itself (data's hook does)
         steps_done = step + 1
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             reporter.step(  # the loss stays a tensor until sent: no sync in the step
@@ -158,6 +162,20 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
         checkpoint_event(reporter, checkpoints.save(steps_done, ctx.lr), steps_done)
     samples = (steps_done - first_step) * cfg.batch_size * spec.accumulation(cfg) * strategy.dp_size
     return {"steps": steps_done, "samples": samples, "train_s": train_s, "stopped": stopped}
+
+
+def with_idle(stats: StepStats) -> StepStats:
+    """The step with the wait for the slowest peer measured after it: a
+    one-element all-reduce returns when the last rank arrives. That wait is
+    the step's ``idle_s``; what the strategy timed as communication is its
+    ``transfer_s`` (zero for one whose collectives are inside the compute,
+    fsdp and tensor)."""
+    start = time.perf_counter()
+    with unmetered():  # a probe, not the run's traffic: neither delayed nor counted
+        dist.all_reduce(torch.zeros(1))
+    idle_s = time.perf_counter() - start
+    row = {**stats.row, "idle_s": idle_s, "transfer_s": stats.comm_s}
+    return dataclasses.replace(stats, comm_s=stats.comm_s + idle_s, row=row)
 
 
 def measured_step(

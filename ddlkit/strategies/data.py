@@ -95,10 +95,6 @@ class DataParallel(WholeState, Strategy):
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-TIME_EVERY = integer(
-    "time_every", 20, 1, None, "time the all-reduce (split into idle and transfer) every this many steps"
-)
-
 SAMPLE_WORK = number(
     "sample_work_s",
     0.0,
@@ -151,7 +147,6 @@ register(
         knobs=(
             *compression.KNOBS,
             *BALANCE_KNOBS,
-            TIME_EVERY,
             SAMPLE_WORK,
             integer(
                 "grad_accumulation",

@@ -32,7 +32,10 @@ def idle_table(run: Run, from_step: int = 0) -> pd.DataFrame:
     seconds idle and transferring, and their fractions of those steps' time."""
     rows = run.metrics
     if "idle_s" not in rows:
-        raise ValueError(f"run {run.id} has no idle time: it is measured by strategy='data' with two or more ranks")
+        raise ValueError(
+            f"run {run.id} has no idle time: it is measured on sampled steps (time_every) "
+            "by a lockstep strategy with two or more ranks"
+        )
     rows = rows[(rows["step"] >= from_step) & rows["idle_s"].notna()]
     table = rows.groupby("rank").agg(
         sampled_steps=("step", "size"),
