@@ -159,6 +159,10 @@ def test_model_parallel_knobs_describe_a_layout_and_refuse_impossible_ones():
         "tp",
         "micro-batches",
         "schedule",
+        "compression",  # of the dp dimension
+        "PowerSGD rank",
+        "top-k ratio",
+        "error feedback",
         "checkpoint every (0: off)",
     ]
     knobs = {w.description: w for w in panel.knob_box.children}

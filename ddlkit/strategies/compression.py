@@ -77,15 +77,16 @@ def check(cfg: Any) -> None:
 class TopK:
     """Top-k state: the ratio, and per bucket what error feedback keeps."""
 
-    def __init__(self, ratio: float, error_feedback: bool):
+    def __init__(self, ratio: float, error_feedback: bool, group: dist.ProcessGroup | None = None):
         self.ratio = ratio
         self.error_feedback = error_feedback
+        self.group = group  # None: the whole world (DDP's default group)
         self.residuals: dict[int, torch.Tensor] = {}
 
 
 def topk_hook(state: TopK, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Send the largest ``ratio`` of the bucket's entries; the mean over ranks of what was sent comes back."""
-    grad, n = bucket.buffer(), dist.get_world_size()
+    grad, n = bucket.buffer(), dist.get_world_size(state.group)
     residual = state.residuals.get(bucket.index())
     wanted = grad + residual if residual is not None and residual.shape == grad.shape else grad.clone()
     k = max(1, math.ceil(state.ratio * wanted.numel()))
@@ -95,29 +96,69 @@ def topk_hook(state: TopK, bucket: dist.GradBucket) -> torch.futures.Future[torc
         wanted[index] = 0.0
         state.residuals[bucket.index()] = wanted  # what was not sent waits for the next step
     all_values, all_index = values.new_empty(n * k), torch.empty(n * k, dtype=torch.int32, device=grad.device)
-    dist.all_gather_single(all_values, values)
-    dist.all_gather_single(all_index, index.to(torch.int32))
+    dist.all_gather_single(all_values, values, group=state.group)
+    dist.all_gather_single(all_index, index.to(torch.int32), group=state.group)
     total = torch.zeros_like(grad).index_add_(0, all_index.long(), all_values)
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(total.div_(n))
     return done
 
 
-def hook_for(options: Any) -> tuple[Any, Any]:
-    """(state, hook) for DDP's ``register_comm_hook`` as the knobs say."""
+def hook_for(options: Any, group: dist.ProcessGroup | None = None) -> tuple[Any, Any]:
+    """(state, hook) for DDP's ``register_comm_hook`` as the knobs say, averaging over ``group``
+    (None: the whole world)."""
     kind = options.compression
     if kind == "fp16":
-        return None, default_hooks.fp16_compress_hook
+        return group, default_hooks.fp16_compress_hook
     if kind == "bf16":
-        return None, default_hooks.bf16_compress_hook
+        return group, default_hooks.bf16_compress_hook
     if kind == "powersgd":
         state = powerSGD_hook.PowerSGDState(
-            process_group=None,
+            process_group=group,
             matrix_approximation_rank=options.powersgd_rank,
             start_powerSGD_iter=2,  # torch's least with error feedback: two plain steps first
             use_error_feedback=options.error_feedback,
         )
         return state, powerSGD_hook.powerSGD_hook
     if kind == "topk":
-        return TopK(options.topk_ratio, options.error_feedback), topk_hook
-    return None, default_hooks.allreduce_hook
+        return TopK(options.topk_ratio, options.error_feedback, group), topk_hook
+    return group, default_hooks.allreduce_hook
+
+
+class FlatBucket:
+    """What torch's hooks read of a ``dist.GradBucket``, over one flat buffer of gradients of ``shapes``."""
+
+    def __init__(self, flat: torch.Tensor, shapes: list[torch.Size]):
+        self.flat = flat
+        parts = flat.split([shape.numel() for shape in shapes])
+        self.views = [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+    def buffer(self) -> torch.Tensor:
+        return self.flat
+
+    def gradients(self) -> list[torch.Tensor]:
+        return self.views
+
+
+class BucketAverager:
+    """The compressed mean over a hybrid layout's data-parallel replicas. No DDP can wrap a pipeline
+    stage or a tensor-parallel shard, so the strategy averages its gradients itself
+    (``sharding.average_gradients``), as one bucket through the hook the knobs choose; the hook's
+    state (PowerSGD's factors, top-k's residuals) lasts from step to step."""
+
+    def __init__(self, options: Any, group: dist.ProcessGroup | None):
+        self.state, self.hook = hook_for(options, group)
+
+    def __call__(self, flat: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
+        return self.hook(self.state, FlatBucket(flat, shapes)).wait()
+
+
+def averager_for(cfg: Any, dp_group: dist.ProcessGroup | None) -> BucketAverager | None:
+    """A hybrid layout's compressed averaging, if its knobs ask for compression."""
+    return BucketAverager(cfg, dp_group) if dp_group is not None and cfg.compression != "none" else None

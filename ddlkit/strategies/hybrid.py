@@ -13,7 +13,10 @@ Along a row ranks split the model (activations flow between them); down a
 column they hold the same part and average its gradients. Plain DDP cannot do
 the column's averaging around a pipeline stage (it fails, or with
 ``static_graph`` is silently wrong), so the strategies do it themselves with
-one all-reduce over the column's process group after the backward.
+one all-reduce over the column's process group after the backward, or,
+with ``compression=`` (as for ``data``), through the same DDP communication
+hook applied to the column's gradients as one bucket
+(``compression.BucketAverager``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..config import RunConfig
 from ..knobs import integer
 from ..rank.strategy import OptimizerFactory, Strategy
 from ..registry import StrategySpec, register
+from . import compression
 from .pipeline import PIPELINE_KNOBS, PP, PipelineParallel, check_stages
 from .tensor import TP, TensorParallel, check_split
 
@@ -56,6 +60,7 @@ def layout(cfg: RunConfig) -> None:
         check_stages(cfg)
     else:
         check_split(cfg)
+    compression.check(cfg)
 
 
 DP = integer("dp", 1, 1, "dp", "data-parallel replicas of the 2-D mesh", up_to=64)
@@ -65,7 +70,7 @@ register(
         "hybrid",
         build,
         "a 2-D mesh: data parallel over pipeline or tensor parallel replicas",
-        knobs=(DP, PP, TP, *PIPELINE_KNOBS),
+        knobs=(DP, PP, TP, *PIPELINE_KNOBS, *compression.KNOBS),
         layout=layout,
         dp_size=lambda cfg: cfg.dp,
         checkpoint="consolidated",  # whole, by single-process names: any layout goes on from it

@@ -47,6 +47,7 @@ from ..knobs import Knob, choice, integer, number, optional
 from ..models import loss_fn
 from ..rank.strategy import OptimizerFactory, RankContext, StepStats, Strategy
 from ..registry import StrategySpec, register
+from .compression import averager_for
 from .schedules import (
     SCHEDULES,
     VIEW_LAYERS,
@@ -78,6 +79,7 @@ class PipelineParallel(Strategy):
         self.delay = cfg.stage_delay
         self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None
         self.dp_rank, self.dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh is not None else (0, 1)
+        self.averager = averager_for(cfg, self.dp_group)  # hybrid dp x pp with compression
         self.pp_group, self.pp_size, pp_rank = pp_mesh.get_group(), pp_mesh.size(), pp_mesh.get_local_rank()
 
         # Cut the layers into stages; this rank keeps its own (one, or two: looped or in a V).
@@ -134,7 +136,7 @@ class PipelineParallel(Strategy):
         # micro-batch's output (and its autograd graph) alive to the end of the step.
         self.schedule.step(*args, target=targets if holds_last else None, losses=losses, return_outputs=False)
         # Phase 2: hybrid dp x pp: average each stage's gradients over its replicas.
-        comm_s = average_gradients(self.params, self.dp_group)
+        comm_s = average_gradients(self.params, self.dp_group, self.averager)
         # Phase 3: every stage updates its own parameters.
         if self.optimizer is not None:
             self.optimizer.step()

@@ -5,13 +5,16 @@ packed into and out of one flat tensor (one message)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..rank.memory import local
+
+# (flat gradients, their shapes) -> their mean over the replicas: a compression hook (compression.BucketAverager)
+Averager = Callable[[torch.Tensor, list[torch.Size]], torch.Tensor]
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -24,17 +27,23 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> float:
+def average_gradients(
+    params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None, averager: Averager | None = None
+) -> float:
     """Average this rank's (local) gradients over the data-parallel replicas
-    in ``group``, as one flat all-reduce; returns the seconds it took. Replicas
-    take equal batches, so the average is the gradient of the global batch."""
+    in ``group``, as one flat all-reduce (or through ``averager``: a
+    compression hook); returns the seconds it took. Replicas take equal
+    batches, so the average is the gradient of the global batch."""
     grads = [local(p.grad) for p in params if p.grad is not None]
     if group is None or not grads:
         return 0.0
     start = time.perf_counter()
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    if averager is None:
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+    else:
+        flat = averager(flat, [g.shape for g in grads])
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -31,6 +31,7 @@ from ..knobs import integer
 from ..models import LM_HEADS, CharTransformer, loss_fn
 from ..rank.strategy import OptimizerFactory, StepStats, Strategy
 from ..registry import StrategySpec, register
+from .compression import averager_for
 from .sharding import average_gradients, full_state_dict
 from .state import WholeState
 
@@ -72,6 +73,7 @@ class TensorParallel(WholeState, Strategy):
         self.optimizer = make_optimizer(self.model.parameters())
         self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None
         self.dp_rank, self.dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh is not None else (0, 1)
+        self.averager = averager_for(cfg, self.dp_group)  # hybrid dp x tp with compression
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         start = time.perf_counter()
@@ -79,7 +81,7 @@ class TensorParallel(WholeState, Strategy):
         # inside (DTensor redistributes), so they count as compute here.
         loss = loss_fn(self.task, self.model(inputs), targets)
         loss.backward()
-        comm_s = average_gradients(self.model.parameters(), self.dp_group)  # hybrid dp x tp only
+        comm_s = average_gradients(self.model.parameters(), self.dp_group, self.averager)  # hybrid dp x tp only
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
