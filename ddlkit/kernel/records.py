@@ -142,19 +142,25 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     events = [event for log in logs for event in read_events(log) if event["type"] != "beat"]
     if "started" not in meta:
         events.sort(key=lambda e: e["time"])
+    run = _run_of(path, meta, events)
+    summary = _read_summary(path)
+    if summary is not None:
+        run.restore(summary)
+    else:  # the kernel that ran it ended first, or another launcher ran it
+        ranks_done = {e["rank"] for e in events if e.get("type") == "finished"}
+        status = "done" if ranks_done and len(ranks_done) == run.world_size else "stopped"
+        run.restore(run.summarise(status, events[-1]["time"] if events else run.started))
+    return run
+
+
+def _run_of(path: Path, meta: dict[str, Any], events: list[dict[str, Any]]) -> Run:
+    """The Run of a folder's events, its world size from run.json or else from the ranks they name."""
     started = meta.get("started", events[0]["time"] if events else 0.0)
     world_size = meta.get("world_size", len({e["rank"] for e in events if isinstance(e.get("rank"), int)}))
     if world_size < 1:
         raise ValueError(f"{path} is not a run folder: neither run.json nor any event names a rank")
     run = Run(meta.get("id", path.name), path, world_size, started, meta)
     run.record(events)
-    summary = _read_summary(path)
-    if summary is not None:
-        run.restore(summary)
-    else:  # the kernel that ran it ended first, or another launcher ran it
-        ranks_done = {e["rank"] for e in events if e.get("type") == "finished"}
-        status = "done" if ranks_done and len(ranks_done) == world_size else "stopped"
-        run.restore(run.summarise(status, events[-1]["time"] if events else started))
     return run
 
 
@@ -163,14 +169,9 @@ def _load_rank_logs(path: Path) -> Run:
     meta = read_meta(path)
     logs = sorted(path.glob("events-rank*.jsonl"))  # each read as events.jsonl is: torn lines skipped, with why
     events = sorted((e for log in logs for e in read_events(log) if e["type"] != "beat"), key=lambda e: e["time"])
-    started = meta.get("started", events[0]["time"] if events else 0.0)
-    world_size = meta.get("world_size", len({e["rank"] for e in events if isinstance(e.get("rank"), int)}))
-    if world_size < 1:
-        raise ValueError(f"{path} is not a run folder: neither run.json nor any event names a rank")
-    run = Run(meta.get("id", path.name), path, world_size, started, meta)
-    run.record(events)
-    status, error = status_of(events, world_size)
-    summary = run.summarise(status or "stopped", events[-1]["time"] if events else started)
+    run = _run_of(path, meta, events)
+    status, error = status_of(events, run.world_size)
+    summary = run.summarise(status or "stopped", events[-1]["time"] if events else run.started)
     run.restore({**summary, "error": error} if error else summary)
     return run
 
