@@ -18,22 +18,27 @@ from ddlkit.kernel.supervisor import Supervisor
 
 
 def _processes():
-    """(pid, parent pid, process group) of every process, from /proc."""
+    """(pid, parent pid, process group, state) of every process, from /proc."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            yield int(entry.name), int(fields[1]), int(fields[2])
+            yield int(entry.name), int(fields[1]), int(fields[2]), fields[0]
 
 
 def children_of(pid: int) -> list[int]:
-    return [child for child, parent, _ in _processes() if parent == pid]
+    return [child for child, parent, _, _ in _processes() if parent == pid]
 
 
 def in_process_group(pgid: int) -> list[int]:
-    return [member for member, _, group in _processes() if group == pgid]
+    return [member for member, _, group, _ in _processes() if group == pgid]
+
+
+def running_in_process_group(pgid: int) -> list[int]:
+    """Members that are not zombies (an orphan's zombie waits for whoever reaps orphans here)."""
+    return [member for member, _, group, state in _processes() if group == pgid and state != "Z"]
 
 
 def port_is_free(port: int) -> bool:

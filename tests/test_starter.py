@@ -25,7 +25,7 @@ import ddlkit
 from ddlkit import RunConfig
 from ddlkit.kernel import forkserver
 
-from .conftest import children_of
+from .conftest import children_of, running_in_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,19 +36,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def group_alive(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def wait_until(condition, timeout: float) -> float:
@@ -104,7 +91,7 @@ def test_a_built_in_run_comes_from_the_starter_and_is_gone_within_10_s_of_a_stop
     assert set(run.pids) <= set(children_of(warm.pid))
     run.stop(timeout=15)
     assert run.status == "stopped"
-    wait_until(lambda: not any(group_alive(pid) for pid in run.pids), 10)
+    wait_until(lambda: not any(running_in_process_group(pid) for pid in run.pids), 10)
     wait_until(lambda: not set(run.pids) & set(children_of(warm.pid)), 10)  # reaped by the starter
 
 
@@ -119,7 +106,7 @@ def test_a_crashed_rank_from_the_starter_fails_the_run_and_every_rank_is_gone(ru
     run = ddlkit.launch(crash_on_rank_1, num_processes=2, run_dir=runs_dir, echo=False, start="warm")
     with pytest.raises(ddlkit.RunFailed, match="RuntimeError: rank 1 breaks"):
         run.wait(timeout=60)
-    wait_until(lambda: not any(group_alive(pid) for pid in run.pids), 10)
+    wait_until(lambda: not any(running_in_process_group(pid) for pid in run.pids), 10)
 
 
 KERNEL_STAND_IN = """
@@ -156,10 +143,11 @@ def test_the_starter_and_its_ranks_end_with_the_kernel(tmp_path, how):
             kernel.send_signal(signal.SIGKILL)
         kernel.wait(timeout=30)
         wait_until(lambda: not alive(pids["starter"]), 10)
-        wait_until(lambda: not any(group_alive(pid) for pid in pids["ranks"]), 10)
+        wait_until(lambda: not any(running_in_process_group(pid) for pid in pids["ranks"]), 10)
     finally:  # nothing of this test may outlive it, also when it fails
         kernel.kill()
         kernel.wait()
+        kernel.stdout.close()
         for pid in [pids.get("starter"), *pids.get("ranks", [])]:
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -269,3 +257,21 @@ def test_after_cuda_init_in_the_kernel_a_notebook_function_and_a_config_still_ru
     assert (run.path / "function.pkl").exists()  # cloudpickled to the starter, not forked
     cfg = RunConfig(strategy="data", world_size=1, steps=3, device="cuda", run_dir=runs_dir)
     assert ddlkit.launch(cfg, echo=False).wait(timeout=120).status == "done"
+
+
+def test_a_starter_killed_from_outside_fails_its_runs_cleanly_and_the_next_launch_gets_a_new_one(runs_dir):
+    warm = forkserver.warm_starter()
+    run = ddlkit.launch(sleepy_ranks, num_processes=2, run_dir=runs_dir, echo=False, start="warm")
+    wait_until(lambda: len(run.metrics) == 2, 60)
+    os.kill(warm.pid, signal.SIGKILL)
+    with pytest.raises(ddlkit.RunFailed, match="killed by SIGKILL"):
+        run.wait(timeout=30)
+    wait_until(lambda: not any(running_in_process_group(pid) for pid in run.pids), 10)
+    again = ddlkit.launch(whoami, num_processes=2, run_dir=runs_dir, echo=False, start="warm").wait(timeout=60)
+    assert forkserver.current().pid != warm.pid
+    assert set(again.metrics["parent"]) == {forkserver.current().pid}
+
+
+def sleepy_ranks():
+    ddlkit.log(step=0)
+    time.sleep(600)

@@ -14,6 +14,7 @@ cannot work (no ``os.fork``, or it failed to come up) ranks are spawned too.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -57,7 +58,6 @@ class WarmStarter:
             theirs.close()
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}
-        self._ranks: set[int] = set()
         self._ready: bool | None = None
         self.error: str | None = None
         self.alive = True
@@ -95,7 +95,6 @@ class WarmStarter:
         self.wait_ready()
         request = {"op": "start", "argv": argv, "env": {**os.environ, **env}, "cwd": os.getcwd(), "threads": threads}
         reply, fds = self._ask(request, "started")
-        self._ranks.add(reply["pid"])
         return StarterChild(reply["pid"], self), os.fdopen(fds[0], "rb", buffering=0)
 
     def probe(self) -> dict[str, Any]:
@@ -191,6 +190,8 @@ def warm_starter(wait: bool = True) -> WarmStarter:
     global _current
     with _current_lock:
         if _current is None or not _current.alive or _current.process.poll() is not None:
+            if _current is not None:  # it ended (killed from outside?): reap it, start another
+                _current.close()
             _current = WarmStarter()
         starter = _current
     if wait:
@@ -218,3 +219,10 @@ def warm_up() -> None:
         warm_starter(wait=False)
     except StarterUnavailable:
         pass
+
+
+@atexit.register
+def _end_the_starter() -> None:
+    """At the kernel's exit (after its runs were stopped: registered first, run last)."""
+    if _current is not None:
+        _current.close()
