@@ -9,7 +9,7 @@ import pytest
 
 import ddlkit
 from ddlkit import RunConfig
-from ddlkit.kernel.launch import spawnable_name
+from ddlkit.kernel.launch import function_plan
 
 
 def _group_info(lines):
@@ -86,20 +86,26 @@ def test_ports_listen_on_loopback_only_and_strangers_are_refused(runs_dir):
     assert run.metrics.empty
 
 
-def test_cuda_already_initialised_needs_an_importable_function(monkeypatch):
+def test_a_notebook_function_is_cloudpickled_once_forking_the_kernel_is_unsafe(monkeypatch):
+    import pickle
+
     import torch
 
+    def local_train(scale):
+        return 2 * scale
+
+    assert function_plan(local_train, (1,), "auto") == (None, None)  # no CUDA here: the kernel is forked
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-
-    def local_train():
-        pass
-
-    with pytest.raises(RuntimeError, match="restart the kernel .* or move the function into a module"):
-        spawnable_name(local_train, (), "cuda")
-    from ddlkit.rank.examples import train_digits
-
-    assert spawnable_name(train_digits, (), "cuda") == "ddlkit.rank.examples:train_digits"
-    assert spawnable_name(local_train, (), "cpu") is None  # on CPU a fork is fine
+    argv, payload = function_plan(local_train, (21,), "auto")
+    assert argv == ["--pickled", "function.pkl"]
+    function, args = pickle.loads(payload)
+    assert function(*args) == 42
+    monkeypatch.undo()
+    assert function_plan(local_train, (1,), "warm")[0] == ["--pickled", "function.pkl"]  # forced
+    assert function_plan("ddlkit.rank.examples:train_digits", (), "auto") == (
+        ["--function", "ddlkit.rank.examples:train_digits"],
+        None,
+    )
 
 
 def test_bad_targets_are_refused_before_anything_starts(runs_dir):

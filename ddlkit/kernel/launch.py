@@ -20,14 +20,18 @@ import torch
 from ..channel import ChannelServer, new_token
 from ..config import RunConfig
 from ..events import Restart
-from ..files import make_dir, run_modes
+from ..files import make_dir, run_modes, write_atomic
 from ..runid import new_run_id
+from .pickled import pickle_function
 from .restarts import Restarts
 from .resume import continue_run, resume_folder
 from .run import Run
 from .starter import Starter
 from .store import Rendezvous
 from .supervisor import Supervisor
+
+START_MODES = ("auto", "warm", "spawn")
+PICKLED = "function.pkl"  # in the run folder: a cloudpickled notebook function and its arguments
 
 
 def launch(
@@ -40,6 +44,7 @@ def launch(
     echo: bool | Callable[[str], None] = True,
     resume: str | os.PathLike[str] | None = None,
     oversubscribe: bool = False,
+    start: str | None = None,
 ) -> Run:
     """Start a run in the background and return its :class:`Run` at once.
 
@@ -58,12 +63,16 @@ def launch(
     from its newest valid checkpoint, with the folder's config unless a
     RunConfig is given (see ``ddlkit.kernel.resume``).
 
+    ``start`` ("auto", "warm" or "spawn"; default ``DDLKIT_START``, else
+    "auto") says how ranks start: see :func:`start_mode`.
+
     Example (it starts worker processes, so it is no doctest)::
 
         run = ddlkit.launch(ddlkit.RunConfig(strategy="data", world_size=2, steps=5), echo=False)
         run.wait(timeout=120).status   # 'done'
     """
     run_modes()  # a bad DDLKIT_RUN_MODE is refused before anything is written
+    start = start_mode(start)
     if resume is not None:  # the run folder's config, unless another is given
         target = target or RunConfig.load(resume_folder(resume) / "config.json")
     if isinstance(target, RunConfig):
@@ -72,24 +81,18 @@ def launch(
                 "a RunConfig carries its own settings: pass world_size in the config, not num_processes/args"
             )
         target.validate()
-        return _start(
-            target.world_size,
-            target.resolved_device(),
-            Path(target.run_dir),
-            target.hang_timeout,
-            echo,
-            config=target,
-            resume=None if resume is None else resume_folder(resume),
-        )
+        config_at = (target.world_size, target.resolved_device(), Path(target.run_dir), target.hang_timeout, echo)
+        folder = None if resume is None else resume_folder(resume)
+        return _start(*config_at, config=target, resume=folder, warm=start != "spawn")
     if resume is not None:
         raise TypeError("resume= continues a built-in experiment: pass a RunConfig (or none), not a function")
     if not (callable(target) or isinstance(target, str)):
         raise TypeError(f"launch() takes a RunConfig, a function or 'module:function', not {type(target).__name__}")
     world_size = 2 if num_processes is None else num_processes
     check = _function_checks(world_size, device, run_dir, hang_timeout, oversubscribe)
-    return _start(
-        world_size, check.resolved_device(), Path(check.run_dir), hang_timeout, echo, function=target, args=args
-    )
+    argv, payload = function_plan(target, args, start)  # a capture that cannot be pickled is refused here
+    where = (world_size, check.resolved_device(), Path(check.run_dir), hang_timeout, echo)
+    return _start(*where, function=target, args=args, argv=argv, payload=payload, warm=start != "spawn")
 
 
 def _function_checks(
@@ -112,9 +115,11 @@ def _start(
     function: Callable[..., Any] | str | None = None,
     args: tuple[Any, ...] = (),
     resume: Path | None = None,
+    argv: list[str] | None = None,
+    payload: bytes | None = None,
+    warm: bool = True,
 ) -> Run:
-    spawn_name = spawnable_name(function, args, device) if function is not None else None
-    target = "config" if config is not None else spawn_name or getattr(function, "__qualname__", repr(function))
+    target = "config" if config is not None else getattr(function, "__qualname__", function)
     say = (lambda line: print(line, flush=True)) if echo is True else (echo or None)
     if resume is None:
         run_id = new_run_id()
@@ -127,7 +132,14 @@ def _start(
         attempt = announce[0]["attempt"]
     if config is not None:
         run.meta["strategy"] = config.strategy
-    starter = Starter(run.path, device, Rendezvous(), ChannelServer(new_token()), config, function, spawn_name, args)
+        argv = [str(run.path / "config.json")]
+    if payload is not None:  # the ranks load it: a notebook function, cloudpickled
+        write_atomic(run.path / PICKLED, lambda file: file.write(payload))
+        argv = ["--pickled", str(run.path / PICKLED)]
+    callable_function = function if callable(function) else None
+    starter = Starter(
+        run.path, device, Rendezvous(), ChannelServer(new_token()), config, callable_function, args, argv, warm
+    )
     try:  # the folder's files are opened first: a folder that cannot be written fails before any process starts
         supervisor = Supervisor(run, starter, hang_timeout, say, Restarts(run, config, attempt, announce))
     except BaseException:
@@ -137,29 +149,50 @@ def _start(
     return run
 
 
-def spawnable_name(function: Callable[..., Any] | str, args: tuple[Any, ...], device: str) -> str | None:
-    """The 'module:function' to spawn by, or None to fork. A function given by
-    name is always spawned; a function object is forked, unless CUDA is already
-    initialised in the kernel (a forked child cannot use it), when it must be
-    importable by name."""
+def start_mode(start: str | None) -> str:
+    """``start`` checked, from ``DDLKIT_START`` when not given. ``"auto"``: ranks
+    are forked from the warm starter, a process with torch imported and CUDA
+    untouched (``ddlkit.kernel.forkserver``), except that a function object is
+    forked from the kernel while no CUDA is initialised there, and cloudpickled
+    to the starter once it is. ``"warm"``: the starter, and functions always
+    cloudpickled. ``"spawn"``: a fresh ``python -m ddlkit.worker`` per rank
+    (slower; nothing shared, for debugging).
+
+    >>> start_mode("spawn")
+    'spawn'
+    >>> start_mode("fast")
+    Traceback (most recent call last):
+    ...
+    ValueError: start='fast' is invalid: give 'auto', 'warm' or 'spawn' (or set DDLKIT_START to one)
+    """
+    start = start or os.environ.get("DDLKIT_START", "").strip() or "auto"
+    if start not in START_MODES:
+        raise ValueError(f"start={start!r} is invalid: give 'auto', 'warm' or 'spawn' (or set DDLKIT_START to one)")
+    return start
+
+
+def fork_is_safe() -> bool:
+    """Whether the kernel may fork ranks: it can fork, and no CUDA is initialised
+    in it (a forked child cannot use CUDA that its parent initialised)."""
+    return hasattr(os, "fork") and not torch.cuda.is_initialized()
+
+
+def function_plan(
+    function: Callable[..., Any] | str, args: tuple[Any, ...], start: str
+) -> tuple[list[str] | None, bytes | None]:
+    """How the ranks run a function: (their worker arguments, the cloudpickled
+    function and args to hand them). No arguments: fork the kernel. A function
+    given by name is imported by the ranks; a function object is forked while
+    that is safe (``start="auto"``), else cloudpickled (``ddlkit.kernel.pickled``)."""
     if isinstance(function, str):
         module, sep, name = function.partition(":")
         if not (module and sep and name):
             raise ValueError(f"function name {function!r} is invalid: it must look like 'package.module:function'")
         _check_json_args(args)
-        return function
-    if device != "cuda" or not torch.cuda.is_initialized():
-        return None
-    module = getattr(function, "__module__", "__main__")
-    if module == "__main__" or "<locals>" in function.__qualname__:
-        raise RuntimeError(
-            "CUDA is already initialised in this kernel, so ddlkit cannot fork workers for a function defined "
-            "in the notebook (a forked process cannot use CUDA that its parent initialised). Either restart the "
-            "kernel and call ddlkit.launch(fn, ...) before anything touches CUDA, or move the function into a "
-            "module and pass 'module:function', which starts fresh interpreters."
-        )
-    _check_json_args(args)
-    return f"{module}:{function.__qualname__}"
+        return ["--function", function], None
+    if start == "auto" and fork_is_safe():
+        return None, None
+    return ["--pickled", PICKLED], pickle_function(function, args)
 
 
 def _check_json_args(args: tuple[Any, ...]) -> None:

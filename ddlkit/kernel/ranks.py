@@ -15,6 +15,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from .forkserver import StarterChild
+
 # What a rank says when it only saw a peer die: it is the victim, not the culprit.
 _PEER_FAILURE = re.compile(
     r"Connection reset by peer|Connection closed by peer|Broken pipe|Connection refused"
@@ -39,7 +41,7 @@ class ForkedProcess:
         return self.returncode
 
 
-WorkerProcess = subprocess.Popen | ForkedProcess
+WorkerProcess = subprocess.Popen | ForkedProcess | StarterChild
 
 
 @dataclass

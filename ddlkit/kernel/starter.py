@@ -3,9 +3,11 @@ and again for every restart or new layout.
 
 Small pieces, each with one job: the environment each rank is given (the
 rendezvous store it meets the others at, ``ddlkit.kernel.store``, and the
-channel it reports on), and starting one worker process (spawned for built-in
-experiments and importable functions, forked for functions defined in a
-notebook).
+channel it reports on), and starting one worker process: forked from the
+warm starter (``ddlkit.kernel.forkserver``) for built-in experiments and
+functions given by name or cloudpickled (``ddlkit.kernel.pickled``), forked
+from the kernel for a function defined in a notebook while that is safe, or
+spawned as a fresh interpreter (``start="spawn"``, or where no starter works).
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ import torch  # here rather than in launch(): the first import costs a second
 from ..channel import ChannelServer
 from ..config import RunConfig
 from ..files import set_file_mode
+from . import forkserver
 from .ranks import ForkedProcess, RankState, WorkerProcess, kill_group, wait_gone
 from .store import Rendezvous
 
 
 class Starter:
     """Starts one attempt's ranks: at launch, and again for every restart or
-    new layout (the collector calls it), always the same way."""
+    new layout (the collector calls it), always the same way.
+
+    ``argv`` is what the ranks run (as ``python -m ddlkit.worker ARGV``); None
+    forks the kernel to run ``function`` (a notebook function, where that is
+    safe). ``warm``: ranks come from the warm starter (``ddlkit.kernel.forkserver``),
+    else fresh interpreters are spawned; where the starter cannot work, they are spawned too."""
 
     def __init__(
         self,
@@ -40,12 +48,14 @@ class Starter:
         rendezvous: Rendezvous,
         server: ChannelServer,
         config: RunConfig | None,
-        function: Callable[..., Any] | str | None,
-        spawn_name: str | None,
+        function: Callable[..., Any] | None,
         args: tuple[Any, ...],
+        argv: list[str] | None,
+        warm: bool,
     ):
         self.path, self.device, self.rendezvous, self.server = path, device, rendezvous, server
-        self.config, self.function, self.spawn_name, self.args = config, function, spawn_name, args
+        self.config, self.function, self.args, self.argv, self.warm = config, function, args, argv, warm
+        self.started_by = ""  # how the last attempt's ranks were started: "warm", "spawn" or "fork"
 
     def start(
         self, world_size: int, attempt: int = 0, checkpoint: Path | None = None, config: RunConfig | None = None
@@ -57,9 +67,6 @@ class Starter:
         if self.config is not None:
             self.config.save(self.path / "config.json")  # what a later resume of this folder runs
             set_file_mode(self.path / "config.json")
-            argv = [sys.executable, "-m", "ddlkit.worker", str(self.path / "config.json")]
-        else:
-            argv = [sys.executable, "-m", "ddlkit.worker", "--function", self.spawn_name or ""]
         started = time.time()
         threads = (self.config.threads if self.config is not None else None) or max(
             1, len(os.sched_getaffinity(0)) // world_size
@@ -67,6 +74,8 @@ class Starter:
         ranks: list[RankState] = []
         outputs: dict[int, Any] = {}
         kernel_fds = [*self.server.fds(), *self.rendezvous.fds()]  # a forked worker must not hold them open
+        if (warm := forkserver.current()) is not None:
+            kernel_fds.append(warm.fileno())
         try:
             for rank in range(world_size):
                 env = worker_env(
@@ -74,7 +83,9 @@ class Starter:
                 )
                 if checkpoint is not None:
                     env["DDLKIT_RESUME"] = str(checkpoint)
-                process, output = self._start_one(rank, env, argv, threads, kernel_fds)
+                if self.argv is not None and self.argv[0] == "--function":
+                    env["DDLKIT_ARGS"] = json.dumps(list(self.args))
+                process, output = self._start_one(rank, env, threads, kernel_fds)
                 kernel_fds.append(output.fileno())
                 ranks.append(RankState(rank, process, progress_at=started))
                 outputs[rank] = output
@@ -87,14 +98,30 @@ class Starter:
         return ranks, outputs
 
     def _start_one(
-        self, rank: int, env: dict[str, str], argv: list[str], threads: int, kernel_fds: list[int]
+        self, rank: int, env: dict[str, str], threads: int, kernel_fds: list[int]
     ) -> tuple[WorkerProcess, Any]:
-        if self.config is not None or self.spawn_name is not None:
-            if self.spawn_name is not None:
-                env["DDLKIT_ARGS"] = json.dumps(list(self.args))
-            return spawn_worker(argv, env)
-        assert callable(self.function)  # only a function object is forked
-        return fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
+        if self.argv is None:
+            assert callable(self.function)  # only a function object is forked
+            self.started_by = "fork"
+            return fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
+        if self.warm:
+            try:
+                self.started_by = "warm"
+                return forkserver.warm_starter().start(self.argv, env, threads)
+            except forkserver.StarterUnavailable:  # spawned instead, as before the starter existed
+                self.warm = False
+        self.started_by = "spawn"
+        return spawn_worker([sys.executable, "-m", "ddlkit.worker", *self.argv], env)
+
+    def ready(self) -> bool:
+        """Whether :meth:`start` can start the ranks at once: False while the warm
+        starter it will use still preloads (started now if there was none)."""
+        if self.argv is None or not self.warm:
+            return True
+        try:
+            return forkserver.warm_starter(wait=False).is_ready()
+        except forkserver.StarterUnavailable:
+            return True  # spawned instead
 
     def close(self) -> None:
         """The store and the channel's listening socket go with the run."""

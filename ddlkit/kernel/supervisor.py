@@ -4,8 +4,7 @@ hung rank ends the run (or, with ``max_restarts``, restarts every rank from
 the newest checkpoint), a relaunch starts the next attempt in a new layout,
 and when the run ends no worker process and no port is left.
 
-It is the Run's driver: ``Run.stop``, ``Run.control`` and ``Run.relaunch``
-call :meth:`Supervisor.stop`, :meth:`control` and :meth:`relaunch`.
+It is the Run's driver: ``Run.stop``, ``.control``, ``.relaunch`` call its namesakes.
 """
 
 from __future__ import annotations
@@ -60,10 +59,15 @@ class Supervisor:
         self.kill_at: float | None = None
         self.controls: dict[str, Any] = {}  # the state every rank should have: sent again to late joiners
         self.ranks: list[RankState] = []
+        self.pending: tuple[int, int, Path | None] | None = None  # the first attempt, if not started yet
         self.thread = threading.Thread(target=self._loop, name=f"ddlkit-supervisor-{run.id}", daemon=True)
 
     def begin(self, world_size: int, attempt: int, checkpoint: Path | None) -> None:
-        """Start the first attempt's ranks and supervise them; if that fails, nothing is left running."""
+        """Start the first attempt's ranks and supervise them; if that fails, nothing is left running.
+        While the warm starter preloads (a kernel's first run), the supervisor's thread starts them."""
+        if not self.starter.ready():
+            self.pending = (world_size, attempt, checkpoint)
+            return self.start([], {})  # run.json is written now: a folder that cannot be written fails here
         try:
             ranks, outputs = self.starter.start(world_size, attempt, checkpoint)
         except BaseException:
@@ -130,6 +134,8 @@ class Supervisor:
     def _supervise_until_over(self) -> None:
         all_exited_at = None
         self.log.append([dict(event) for event in self.restarts.announce])
+        if self.pending is not None and not self.stop_requested:
+            self._adopt(*self.starter.start(*self.pending))
         while True:
             arrived = self.intake.poll(SELECT_S)
             if arrived:

@@ -17,6 +17,7 @@ import faulthandler
 import importlib
 import json
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -79,6 +80,17 @@ def run_function(fn: Callable[..., Any], args: tuple[Any, ...], rank: int, run_d
     return body
 
 
+def run_pickled(path: Path, rank: int, run_dir: Path) -> Callable[[Reporter], None]:
+    """The body for a function the kernel cloudpickled (``ddlkit.kernel.pickled``),
+    loaded inside the body so that a failure to load it is reported like any other."""
+
+    def body(reporter: Reporter) -> None:
+        function, args = pickle.loads(path.read_bytes())
+        run_function(function, args, rank, run_dir)(reporter)
+
+    return body
+
+
 def import_function(path: str) -> Callable[..., Any]:
     """'package.module:function' -> the function."""
     module, _, name = path.partition(":")
@@ -122,10 +134,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="python -m ddlkit.worker", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="a RunConfig as YAML or JSON")
     parser.add_argument("--function", help="'module:function' to run instead of a built-in experiment")
+    parser.add_argument("--pickled", help="a file of (function, args) that ddlkit's launcher cloudpickled")
     opts = parser.parse_args(argv)
-    if not opts.config and not opts.function:
-        parser.error("give a config file or --function module:function")
+    if not opts.config and not opts.function and not opts.pickled:
+        parser.error("give a config file, --function module:function or --pickled FILE")
     rank = int(os.environ.get("RANK", "0"))
+    if opts.pickled:  # written by this user's kernel into the run's private folder (ddlkit.kernel.pickled)
+        run_dir = Path(os.environ.get("DDLKIT_RUN_DIR", "runs/standalone"))
+        serve(rank, run_dir, run_pickled(Path(opts.pickled), rank, run_dir))
     if opts.function:
         run_dir = Path(os.environ.get("DDLKIT_RUN_DIR", "runs/standalone"))
         args = tuple(json.loads(os.environ.get("DDLKIT_ARGS", "[]")))

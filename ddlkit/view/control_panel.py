@@ -17,6 +17,7 @@ import ipywidgets as widgets
 
 from .. import registry
 from ..config import RunConfig
+from ..kernel.forkserver import warm_up
 from ..kernel.launch import launch
 from ..kernel.run import Run
 from ..knobs import Widget
@@ -72,6 +73,7 @@ class ControlPanel:
         self.fields["lr"].observe(self._lr_moved, "value")
         self._tag_for_browser_tests()
         self._show_knobs()
+        warm_up()  # the starter preloads torch in the background: the Run click finds it ready
         f = self.fields
         self.widget = widgets.VBox(
             [
@@ -111,8 +113,7 @@ class ControlPanel:
 
     # ---- the experiment --------------------------------------------------------
     def config(self) -> RunConfig:
-        """The RunConfig the widgets describe (fields without a widget come
-        from the config the panel was made with)."""
+        """The RunConfig the widgets describe (the rest from the panel's config)."""
         config = self.base.for_strategy(self.fields["strategy"].value)
         shown = [*fields.COMMON, *(name for name, _ in fields.fields_of(config))]
         return config.replace(

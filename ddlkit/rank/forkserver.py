@@ -1,0 +1,197 @@
+"""The warm starter: one process per kernel, started on first use, that has
+torch, accelerate and ddlkit imported and has never touched CUDA; ranks are
+forked from it, so they start in milliseconds and inherit no CUDA state from
+the kernel (the idea of multiprocessing's forkserver with preload).
+
+Run as ``python -m ddlkit.rank.forkserver FD KERNEL_PID [--die-with-parent]``
+by ``ddlkit.kernel.forkserver``. FD is this process's end of a unix
+``SOCK_SEQPACKET`` socketpair that only the kernel holds the other end of
+(no port, no path: nobody else can talk to it). One JSON object per message:
+
+- kernel -> starter: ``{"op": "start", "argv": [...], "env": {...}, "cwd": ..., "threads": n}``
+  (argv as for ``python -m ddlkit.worker``); ``{"op": "probe"}``.
+- starter -> kernel: ``{"op": "ready"}`` or ``{"op": "failed", "error": ...}`` once
+  at start; ``{"op": "started", "pid": p}`` with the read end of the rank's
+  output pipe attached (SCM_RIGHTS); ``{"op": "exited", "pid": p, "code": c}``
+  when a rank ends (as ``Popen.returncode``); ``{"op": "probe", ...}``.
+
+The starter ends with the kernel: at end of file on its socket (also when the
+kernel is SIGKILLed: the kernel's end closes with it) it kills every rank's
+process group and exits; with ``--die-with-parent`` the kernel's death also
+SIGKILLs it directly. Each rank dies with the starter the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any, NoReturn
+
+MAX_MESSAGE = 1 << 20  # an environment and an argv: a few kB
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux; a no-op elsewhere).
+    Tied to the parent *thread* that forked it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def preload() -> None:
+    """What every rank imports, imported once, here. Never touches CUDA: with
+    the NVML check, even a stray ``torch.cuda.is_available()`` initialises no
+    CUDA driver in this process (a forked child could not use CUDA after that)."""
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    import accelerate  # noqa: F401
+    import torch
+
+    from .. import registry
+    from . import entry  # noqa: F401  (the rank loop and everything it imports)
+
+    registry.names()  # imports every built-in strategy
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised while preloading the warm starter: it cannot fork ranks")
+
+
+def state() -> dict[str, Any]:
+    """What a test (or a curious user) may check: no CUDA, and no Python thread
+    but this one (a thread holding a lock at fork would leave it locked in the rank)."""
+    import threading
+
+    import torch
+
+    return {
+        "op": "probe",
+        "pid": os.getpid(),
+        "cuda_initialized": torch.cuda.is_initialized(),
+        "python_threads": threading.active_count(),
+        "modules": len(sys.modules),
+    }
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    socket.send_fds(sock, [json.dumps(message).encode()], fds or [])
+
+
+def start_rank(request: dict[str, Any], sock: socket.socket, wakeup: tuple[int, int]) -> int:
+    """Fork one rank: its own process group, its output on a new pipe whose read
+    end goes to the kernel, the kernel's environment and folder; returns its pid."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the rank; it never returns
+        try:
+            os.setpgid(0, 0)  # also done by the parent below: whoever runs first, no window
+            die_with_parent()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (sock.fileno(), read_fd, *wakeup):
+                os.close(fd)
+            become_rank(request, write_fd)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    try:
+        os.setpgid(pid, pid)
+    except (ProcessLookupError, PermissionError):  # it already ended (or exec'd): its exit is reported
+        pass
+    os.close(write_fd)
+    send(sock, {"op": "started", "pid": pid}, [read_fd])
+    os.close(read_fd)
+    return pid
+
+
+def become_rank(request: dict[str, Any], write_fd: int) -> NoReturn:
+    """In the forked child: what a fresh ``python -m ddlkit.worker ARGV`` would be."""
+    import torch
+
+    from .entry import main
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    for fd in (null, write_fd):
+        os.close(fd)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True)
+    os.chdir(request["cwd"])
+    sys.path[0] = request["cwd"]  # as `python -m` puts the current folder first
+    os.environ.clear()
+    os.environ.update(request["env"])
+    torch.set_num_threads(request["threads"])  # OMP_NUM_THREADS is read once, at import
+    sys.argv = ["ddlkit.worker", *request["argv"]]
+    main(request["argv"])
+
+
+def reap(children: set[int], sock: socket.socket) -> None:
+    """Report every rank that ended."""
+    for pid in list(children):
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 0
+        if done:
+            children.discard(pid)
+            send(sock, {"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer the kernel until it goes away."""
+    import select
+
+    wakeup = os.pipe()
+    os.set_blocking(wakeup[1], False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a rank's end wakes the select below
+    signal.set_wakeup_fd(wakeup[1])
+    children: set[int] = set()
+    try:
+        while True:
+            readable, _, _ = select.select([sock.fileno(), wakeup[0]], [], [])
+            if wakeup[0] in readable:
+                os.read(wakeup[0], 4096)
+                reap(children, sock)
+            if sock.fileno() in readable:
+                data = sock.recv(MAX_MESSAGE)
+                if not data:  # the kernel is gone
+                    return
+                request = json.loads(data)
+                if request["op"] == "start":
+                    children.add(start_rank(request, sock, wakeup))
+                elif request["op"] == "probe":
+                    send(sock, state())
+    finally:
+        for pid in children:  # the kernel is gone: so are its ranks
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(args[0]))
+    if "--die-with-parent" in args:
+        die_with_parent()
+    if os.getppid() != int(args[1]):  # the kernel died before the line above took effect
+        return
+    try:
+        preload()
+    except BaseException:
+        send(sock, {"op": "failed", "error": traceback.format_exc()})
+        return
+    send(sock, {"op": "ready"})
+    try:
+        serve(sock)
+    except OSError:  # the kernel went away while we answered it
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The warm starter (ddlkit.kernel.forkserver, ddlkit.rank.forkserver) and the
+cloudpickle path (ddlkit.kernel.pickled): ranks forked from a process that
+never touched CUDA, each leading its own process group, gone after a stop, a
+crash or the kernel's death; a notebook function and class that give the same
+weights whether forked from the kernel or cloudpickled to the starter."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddlkit
+from ddlkit import RunConfig
+from ddlkit.kernel import forkserver
+
+from .conftest import children_of, running_in_process_group
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout: float) -> float:
+    """Seconds until ``condition()`` held; fails after ``timeout``."""
+    started = time.time()
+    while not condition():
+        assert time.time() - started < timeout, f"not within {timeout} s"
+        time.sleep(0.05)
+    return time.time() - started
+
+
+def whoami():
+    ddlkit.log(
+        step=0,
+        pid=os.getpid(),
+        parent=os.getppid(),
+        group=os.getpgid(0),
+        cuda=torch.cuda.is_initialized(),
+        threads=torch.get_num_threads(),
+    )
+
+
+def test_the_starter_never_touched_cuda_talks_privately_and_its_ranks_lead_their_groups(runs_dir):
+    warm = forkserver.warm_starter()
+    probe = warm.probe()
+    assert probe["cuda_initialized"] is False
+    assert probe["python_threads"] == 1  # nothing that could hold a lock across a fork
+    assert probe["modules"] > 500  # torch, accelerate and the strategies are in already
+    # Its sockets: none on the network, none with a name in the file system.
+    sockets = {os.readlink(f"/proc/{warm.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{warm.pid}/fd")}
+    inodes = {s[len("socket:[") : -1] for s in sockets if s.startswith("socket:[")}
+    assert inodes, "its control socket"
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        assert not inodes & {row.split()[9] for row in rows}, f"a {table} socket"
+    unix = [row.split() for row in Path("/proc/net/unix").read_text().splitlines()[1:]]
+    assert all(len(row) == 7 for row in unix if row[6] in inodes), "a unix socket with a path"
+
+    run = ddlkit.launch(whoami, num_processes=2, run_dir=runs_dir, echo=False, start="warm").wait(timeout=60)
+    rows = run.metrics
+    assert set(rows["parent"]) == {warm.pid}
+    assert (rows["group"] == rows["pid"]).all()  # each its own process group
+    assert not rows["cuda"].any()
+    assert set(rows["threads"]) == {max(1, len(os.sched_getaffinity(0)) // 2)}
+
+
+def test_a_built_in_run_comes_from_the_starter_and_is_gone_within_10_s_of_a_stop(runs_dir):
+    warm = forkserver.warm_starter()
+    cfg = RunConfig(strategy="data", world_size=2, steps=100000, batch_size=8, run_dir=runs_dir)
+    run = ddlkit.launch(cfg, echo=False)
+    wait_until(lambda: run.steps_done > 0 or run.status not in ("starting", "running"), 60)
+    assert run.status == "running"
+    assert set(run.pids) <= set(children_of(warm.pid))
+    run.stop(timeout=15)
+    assert run.status == "stopped"
+    wait_until(lambda: not any(running_in_process_group(pid) for pid in run.pids), 10)
+    wait_until(lambda: not set(run.pids) & set(children_of(warm.pid)), 10)  # reaped by the starter
+
+
+def crash_on_rank_1():
+    ddlkit.log(step=0)
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 breaks")
+    time.sleep(600)
+
+
+def test_a_crashed_rank_from_the_starter_fails_the_run_and_every_rank_is_gone(runs_dir):
+    run = ddlkit.launch(crash_on_rank_1, num_processes=2, run_dir=runs_dir, echo=False, start="warm")
+    with pytest.raises(ddlkit.RunFailed, match="RuntimeError: rank 1 breaks"):
+        run.wait(timeout=60)
+    wait_until(lambda: not any(running_in_process_group(pid) for pid in run.pids), 10)
+
+
+KERNEL_STAND_IN = """
+import json, sys, time
+import ddlkit
+
+def sleepy():
+    ddlkit.log(step=0)
+    time.sleep(600)
+
+run = ddlkit.launch(sleepy, num_processes=2, run_dir=sys.argv[1], echo=False, start="warm")
+while len(run.metrics) < 2 and run.status in ("starting", "running"):  # both ranks in their function
+    time.sleep(0.05)
+print(json.dumps({"starter": ddlkit.kernel.forkserver.current().pid, "ranks": run.pids}), flush=True)
+if sys.argv[2] == "sigkill":
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_the_starter_and_its_ranks_end_with_the_kernel(tmp_path, how):
+    script = tmp_path / "kernel.py"
+    script.write_text(KERNEL_STAND_IN)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kernel = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "runs"), how], stdout=subprocess.PIPE, text=True, env=env
+    )
+    pids: dict = {}
+    try:
+        assert select.select([kernel.stdout], [], [], 60)[0], "the stand-in said nothing in 60 s"
+        pids = json.loads(kernel.stdout.readline())
+        assert len(pids["ranks"]) == 2 and alive(pids["starter"])
+        if how == "sigkill":
+            kernel.send_signal(signal.SIGKILL)
+        kernel.wait(timeout=30)
+        wait_until(lambda: not alive(pids["starter"]), 10)
+        wait_until(lambda: not any(running_in_process_group(pid) for pid in pids["ranks"]), 10)
+    finally:  # nothing of this test may outlive it, also when it fails
+        kernel.kill()
+        kernel.wait()
+        kernel.stdout.close()
+        for pid in [pids.get("starter"), *pids.get("ranks", [])]:
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# A notebook, as the kernel sees it: code whose module is __main__, with a
+# global, a closure and a class of its own (cloudpickle must send them by value).
+NOTEBOOK = """
+import torch
+from accelerate import Accelerator
+
+SCALE = 0.5
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.layer(x) * SCALE
+
+def make_train(lr):
+    def train(steps):
+        torch.manual_seed(0)
+        accelerator = Accelerator()
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        generator = torch.Generator().manual_seed(accelerator.process_index)
+        for _ in range(steps):
+            x = torch.randn(16, 8, generator=generator)
+            loss = model(x).pow(2).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        return accelerator.unwrap_model(model).state_dict()
+    return train
+
+train = make_train(0.1)
+"""
+
+
+def notebook() -> dict:
+    namespace = {"__name__": "__main__"}
+    exec(textwrap.dedent(NOTEBOOK), namespace)
+    return namespace
+
+
+def test_a_notebook_function_and_class_give_the_same_weights_cloudpickled_as_forked(runs_dir):
+    train = notebook()["train"]
+    assert train.__module__ == "__main__" and train.__closure__  # a notebook's, with a closure
+    forked = ddlkit.launch(train, 5, num_processes=2, run_dir=runs_dir, echo=False).wait(timeout=90)
+    pickled = ddlkit.launch(train, 5, num_processes=2, run_dir=runs_dir, echo=False, start="warm").wait(timeout=90)
+    assert not (forked.path / "function.pkl").exists() and (pickled.path / "function.pkl").exists()
+    weights = forked.result().returns
+    assert set(weights) == {0, 1} == set(pickled.result().returns)
+    for rank in (0, 1):
+        for name, tensor in weights[rank].items():
+            assert torch.equal(tensor, pickled.result().returns[rank][name]), name
+    assert not torch.equal(weights[0]["layer.weight"], Net_initial_weight())  # it trained
+
+
+def Net_initial_weight() -> torch.Tensor:
+    torch.manual_seed(0)
+    return notebook()["Net"]().layer.weight.detach()
+
+
+def test_a_capture_that_cannot_travel_is_named_before_anything_starts(runs_dir):
+    namespace = notebook()
+    namespace["lock"] = threading.Lock()
+    exec("def uses_a_lock():\n    with lock:\n        pass\n", namespace)
+    with pytest.raises(ValueError, match=r"uses_a_lock uses 'lock' \(a lock\), which cannot be sent to the ranks"):
+        ddlkit.launch(namespace["uses_a_lock"], run_dir=runs_dir, echo=False, start="warm")
+    with socket.socket() as conn:
+
+        def uses_a_socket():
+            return conn.fileno()
+
+        with pytest.raises(ValueError, match=r"uses 'conn' \(a socket.socket\)"):
+            ddlkit.launch(uses_a_socket, run_dir=runs_dir, echo=False, start="warm")
+    with pytest.raises(ValueError, match=r"argument 1 of whoami \(a lock\) cannot be sent"):
+        ddlkit.launch(whoami, threading.Lock(), run_dir=runs_dir, echo=False, start="spawn")
+    with pytest.raises(ValueError, match="start='fork' is invalid: give 'auto', 'warm' or 'spawn'"):
+        ddlkit.launch(whoami, run_dir=runs_dir, echo=False, start="fork")
+    assert not Path(runs_dir).exists()  # nothing was written, nothing started
+
+
+def test_start_spawn_runs_a_cloudpickled_function_in_fresh_interpreters(runs_dir, monkeypatch):
+    monkeypatch.setenv("DDLKIT_START", "spawn")  # the old path, kept for debugging
+    run = ddlkit.launch(whoami, num_processes=2, run_dir=runs_dir, echo=False).wait(timeout=90)
+    assert set(run.metrics["parent"]) == {os.getpid()}
+    assert (run.path / "function.pkl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_after_cuda_init_in_the_kernel_a_notebook_function_and_a_config_still_run_on_the_gpu(runs_dir):
+    torch.zeros(1, device="cuda")  # CUDA is initialised in this "kernel" now: forking it is unsafe
+    assert torch.cuda.is_initialized()
+    namespace = notebook()
+    exec(
+        "def on_gpu():\n    import ddlkit\n    ddlkit.log(step=0, total=float(torch.ones(4, device='cuda').sum()))\n",
+        namespace,
+    )
+    run = ddlkit.launch(namespace["on_gpu"], num_processes=1, device="cuda", run_dir=runs_dir, echo=False)
+    assert set(run.wait(timeout=120).metrics["total"]) == {4.0}
+    assert (run.path / "function.pkl").exists()  # cloudpickled to the starter, not forked
+    cfg = RunConfig(strategy="data", world_size=1, steps=3, device="cuda", run_dir=runs_dir)
+    assert ddlkit.launch(cfg, echo=False).wait(timeout=120).status == "done"
+
+
+def test_a_starter_killed_from_outside_fails_its_runs_cleanly_and_the_next_launch_gets_a_new_one(runs_dir):
+    warm = forkserver.warm_starter()
+    run = ddlkit.launch(sleepy_ranks, num_processes=2, run_dir=runs_dir, echo=False, start="warm")
+    wait_until(lambda: len(run.metrics) == 2, 60)
+    os.kill(warm.pid, signal.SIGKILL)
+    with pytest.raises(ddlkit.RunFailed, match="killed by SIGKILL"):
+        run.wait(timeout=30)
+    wait_until(lambda: not any(running_in_process_group(pid) for pid in run.pids), 10)
+    again = ddlkit.launch(whoami, num_processes=2, run_dir=runs_dir, echo=False, start="warm").wait(timeout=60)
+    assert forkserver.current().pid != warm.pid
+    assert set(again.metrics["parent"]) == {forkserver.current().pid}
+
+
+def sleepy_ranks():
+    ddlkit.log(step=0)
+    time.sleep(600)
