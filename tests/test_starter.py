@@ -275,3 +275,23 @@ def test_a_starter_killed_from_outside_fails_its_runs_cleanly_and_the_next_launc
 def sleepy_ranks():
     ddlkit.log(step=0)
     time.sleep(600)
+
+
+def test_a_control_panel_starts_the_starter_in_the_background(monkeypatch):
+    from ddlkit.view import control_panel
+
+    calls = []
+    monkeypatch.setattr(control_panel, "warm_up", lambda: calls.append(time.time()))
+    control_panel.ControlPanel(RunConfig(steps=5, device="cpu"))
+    assert len(calls) == 1  # so that its Run click finds the starter ready
+
+
+def test_a_kernels_first_launch_returns_at_once_while_the_starter_preloads(runs_dir):
+    if forkserver.current() is not None:
+        forkserver.current().close()  # as in a fresh kernel
+    started = time.perf_counter()
+    run = ddlkit.launch(RunConfig(steps=3, batch_size=8, run_dir=runs_dir), echo=False)
+    assert time.perf_counter() - started < 0.5
+    assert not forkserver.current().is_ready()  # the supervisor's thread starts the ranks once it is
+    assert run.status == "starting"
+    assert run.wait(timeout=120).status == "done"

@@ -52,9 +52,11 @@ def preload() -> None:
     import torch
 
     from .. import registry
+    from ..data import read_shipped_files
     from . import entry  # noqa: F401  (the rank loop and everything it imports)
 
     registry.names()  # imports every built-in strategy
+    read_shipped_files()
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised while preloading the warm starter: it cannot fork ranks")
 
