@@ -26,14 +26,15 @@ estimated).
 
 Python hooks cost more than the hook's own lines: DDP calls the hook holding
 the GIL, and the plain all-reduce's ``future.then(...)`` runs a Python callback
-on gloo's thread, which must take the GIL back from the training thread (about
-25-45 µs per step measured here, 1-1.5 % of a 2.8 ms step; DDP without a hook
-does all of it in C++). So on an unsampled step the *last* bucket of the plain
+on gloo's thread, which must take the GIL back from the training thread (with
+this wrapper, 37-65 µs a step over no hook measured here: 1.3-2.3 % of a 2.8 ms
+step; DDP without a hook does all of it in C++). So on an unsampled step the *last* bucket of the plain
 all-reduce is reduced synchronously and handed back as a completed future: it is
 the last gradient to become ready, so there is no backward computation left for
-it to overlap with, and no callback thread is woken (within a few µs of DDP's
-own C++ path). Its arithmetic is torch's ``allreduce_hook``'s: divide by the
-group's size, then sum.
+it to overlap with, and no callback thread is woken (11-28 µs over no hook
+measured: the call, and the division DDP's C++ path fuses into its copy into the
+bucket). Its arithmetic is torch's ``allreduce_hook``'s: divide by the group's
+size, then sum.
 """
 
 import time  # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
