@@ -9,7 +9,7 @@ none of its device branches match, and it settles on ``DistributedType.NO``
 with one process on every rank, so ``gather``/``reduce`` silently act locally.
 Its state is a singleton shared by all three: whichever is made first decides
 for the others (``PartialState()`` then ``Accelerator()`` is ``NO`` too).
-torchrun and ``accelerate launch --cpu`` behave the same.
+Ranks under torchrun get the same (as reported in issue 16; not re-checked here).
 
 In a rank ddlkit starts on CPU, :func:`see_the_group` makes ``PartialState``'s
 ``cpu`` follow ``ACCELERATE_USE_CPU`` as ``AcceleratorState`` already does,
