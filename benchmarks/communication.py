@@ -18,10 +18,11 @@ import tempfile
 import time
 
 import pandas as pd
+from table import row
 
 import ddlkit
 from ddlkit import costmodel
-from ddlkit.scaling import CLUSTERS
+from ddlkit.scaling import CLUSTERS, Calibration
 
 SETTINGS = {
     "data": dict(strategy="data"),
@@ -45,6 +46,36 @@ def measure(cfg: ddlkit.RunConfig) -> tuple[float, float]:
     return float(step_time), float(mine["comm_bytes"].mean())
 
 
+def against_model(base: ddlkit.RunConfig, cal: Calibration, label: str, network: str) -> dict:
+    """One setting on one network: measured bytes and step time, the cost model's step time, their ratio."""
+    setting = SETTINGS[label]
+    cfg = base.for_strategy(setting["strategy"]).replace(**setting, network=network)
+    step_s, bytes_per_step = measure(cfg)
+    predicted = costmodel.predict(cfg, [cfg.world_size], network=network, calibration=cal, batch="per_rank")
+    return {
+        "setting": label,
+        "network": network,
+        "KB/step": bytes_per_step / 1e3,
+        "step ms": step_s * 1e3,
+        "predicted ms": predicted["step_s"].iloc[0] * 1e3,
+        "ratio": step_s / predicted["step_s"].iloc[0],
+    }
+
+
+def rows(quick: bool = False) -> list[dict]:
+    """``data`` on loopback and an emulated 1 GbE: measured step time against the cost model's
+    prediction (``quick``: 12 steps, else 30)."""
+    base = ddlkit.RunConfig(world_size=2, model="mlp", hidden=512, batch_size=32, steps=12 if quick else 30,
+                            threads=1, device="cpu", run_dir=tempfile.mkdtemp(prefix="ddlkit-bench-"))  # fmt: skip
+    cal = costmodel.calibrate(base)
+    out = []
+    for network in ("loopback", "1gbe"):
+        measured = against_model(base, cal, "data", network)
+        out.append(row(f"data step time on {network} (ms)", measured["step ms"], measured["predicted ms"],
+                       "ddlkit.costmodel's prediction", "<= 1.2"))  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -62,21 +93,9 @@ def main() -> None:
         f"compute {cal.per_sample_s * 1e6:.1f} us/sample + {cal.overhead_s * 1e3:.2f} ms/step"
     )
     rows = []
-    for label, setting in SETTINGS.items():
+    for label in SETTINGS:
         for network in opts.networks:
-            cfg = base.for_strategy(setting["strategy"]).replace(**setting, network=network)
-            step_s, bytes_per_step = measure(cfg)
-            predicted = costmodel.predict(cfg, [cfg.world_size], network=network, calibration=cal, batch="per_rank")
-            rows.append(
-                {
-                    "setting": label,
-                    "network": network,
-                    "KB/step": bytes_per_step / 1e3,
-                    "step ms": step_s * 1e3,
-                    "predicted ms": predicted["step_s"].iloc[0] * 1e3,
-                    "ratio": step_s / predicted["step_s"].iloc[0],
-                }
-            )
+            rows.append(against_model(base, cal, label, network))
             print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1, float_format="%.2f"))
     table = pd.DataFrame(rows)
     print()

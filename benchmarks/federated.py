@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from table import row
 
 import ddlkit
 from ddlkit import partition
@@ -137,6 +138,26 @@ def wait_for_ray_to_end(limit_s: float = 90.0) -> None:
     for pid in ray_processes():  # still there after the limit: ours, from this simulation
         os.kill(pid, signal.SIGKILL)
         print(f"killed Ray process {pid}, left {limit_s:.0f} s after the simulation ended")
+
+
+def rows(quick: bool = False) -> list[dict]:
+    """Rounds per second against Flower's simulation (``quick``: 5 rounds of 1 epoch); without flwr, ddlkit's alone."""
+    rounds, epochs = (5, 1) if quick else (20, 5)
+    ours = run_ddlkit(rounds, epochs)
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        return [row("federated, 100 clients: rounds/s", ours["rounds_per_s"], None, "Flower: not installed (.[peers])")]
+    theirs = run_flower(rounds, epochs)
+    return [
+        row(
+            "federated, 100 clients: rounds/s",
+            ours["rounds_per_s"],
+            theirs["rounds_per_s"],
+            "Flower simulation",
+            ">= 2.0",
+        )
+    ]
 
 
 def main() -> None:

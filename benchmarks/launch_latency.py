@@ -154,6 +154,16 @@ def launch_rows(reps: int = 5, world_size: int = 2) -> list[tuple[str, float, fl
     return rows
 
 
+def rows(quick: bool = False) -> list[dict]:
+    """The launch rows for ``python -m benchmarks`` (``quick``: 2 repetitions)."""
+    from table import row
+
+    return [
+        row(measure, ours, theirs, ANCHOR, f"<= {aim}" if aim else None)
+        for measure, ours, theirs, _, aim in launch_rows(2 if quick else 5, 2)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)

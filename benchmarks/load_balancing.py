@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from table import row
 
 import ddlkit
 from ddlkit import balance
@@ -41,23 +42,29 @@ MODES = ("none", "static", "dynamic")
 RATIOS = (1.0, 1.5, 2.0, 3.0)
 
 
-def data_parallel(opts: argparse.Namespace, run_dir: str) -> None:
+def data_runs(opts: argparse.Namespace, ratio: float, run_dir: str) -> tuple[dict, dict]:
+    """Throughput and (rank 0, rank 1) idle fractions per balance mode, rank 1 at speed 1/ratio."""
     base = ddlkit.RunConfig(strategy="data", world_size=2, model="mlp", dataset="digits", hidden=opts.hidden,
                             batch_size=opts.batch, steps=opts.steps, lr=0.05, device="cpu", run_dir=run_dir,
                             time_every=2, balance_every=10, sample_work_s=opts.sample_work_ms / 1000)  # fmt: skip
+    speed: dict[str, list[float]] = {m: [] for m in MODES}
+    idle: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    for _ in range(opts.reps):
+        for mode in MODES:
+            run = ddlkit.launch(base.replace(speeds={1: 1 / ratio}, balance=mode), echo=False).wait(600)
+            speed[mode].append(balance.throughput(run, from_step=opts.steady))
+            table = balance.idle_table(run, from_step=opts.steady)["idle_fraction"]
+            idle[mode].append((table[0], table[1]))
+    return speed, idle
+
+
+def data_parallel(opts: argparse.Namespace, run_dir: str) -> None:
     work = f"simulated work {opts.sample_work_ms} ms/sample" if opts.sample_work_ms else "real compute only"
     print(f"data parallel, 2 ranks, rank 1 at speed 1/ratio, MLP hidden {opts.hidden}, batch {opts.batch}/rank, "
           f"{work}; steps {opts.steady}..{opts.steps - 1}, medians of {opts.reps}")  # fmt: skip
     print(f"{'ratio':>5} {'mode':>8} {'samples/s':>10} {'x none':>7} {'ideal':>6} {'idle r0':>8} {'idle r1':>8}")
     for ratio in RATIOS:
-        speed: dict[str, list[float]] = {m: [] for m in MODES}
-        idle: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
-        for _ in range(opts.reps):
-            for mode in MODES:
-                run = ddlkit.launch(base.replace(speeds={1: 1 / ratio}, balance=mode), echo=False).wait(600)
-                speed[mode].append(balance.throughput(run, from_step=opts.steady))
-                table = balance.idle_table(run, from_step=opts.steady)["idle_fraction"]
-                idle[mode].append((table[0], table[1]))
+        speed, idle = data_runs(opts, ratio, run_dir)
         none = statistics.median(speed["none"])
         for mode in MODES:
             rate = statistics.median(speed[mode])
@@ -65,6 +72,26 @@ def data_parallel(opts: argparse.Namespace, run_dir: str) -> None:
             r1 = statistics.median(i[1] for i in idle[mode])
             print(f"{ratio:5.1f} {mode:>8} {rate:10,.0f} {rate / none:7.2f} {(ratio + 1) / 2:6.2f} "
                   f"{r0:8.0%} {r1:8.0%}")  # fmt: skip
+
+
+def rows(quick: bool = False) -> list[dict]:
+    """Balanced against unbalanced throughput, rank 1 at half speed, simulated work (steady under load;
+    ideal 1.5x; ``quick``: 1 repetition of 40 steps)."""
+    reps, steps, steady = (1, 40, 20) if quick else (3, 60, 20)
+    opts = argparse.Namespace(reps=reps, steps=steps, steady=steady, hidden=64, batch=64, sample_work_ms=0.2)
+    with tempfile.TemporaryDirectory() as run_dir:
+        speed, _ = data_runs(opts, 2.0, run_dir)
+    none = statistics.median(speed["none"])
+    return [
+        row(
+            f"data, rank 1 at half speed, balance={mode} (samples/s)",
+            statistics.median(speed[mode]),
+            none,
+            "balance=none",
+            ">= 1.25",  # notebook 08's claim
+        )
+        for mode in ("static", "dynamic")
+    ]
 
 
 def pipeline(opts: argparse.Namespace, run_dir: str) -> None:

@@ -35,6 +35,7 @@ import statistics
 import tempfile
 
 import pandas as pd
+from table import row
 
 import ddlkit
 from ddlkit import timeline
@@ -98,6 +99,42 @@ def schedules_table(runs: str, pp: int, delay: float, steps: int) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def against_data(base: ddlkit.RunConfig, name: str, batch_size: int, reps: int) -> tuple[float, float, float, float]:
+    """Step time and comm bytes per step of layout ``name`` and of ``data`` at the same ranks and
+    global batch (medians of ``reps`` alternating runs): (step, data step, comm, data comm)."""
+    changes, ranks = LAYOUTS[name]
+    replicas = changes.get("dp", ranks if changes["strategy"] == "fsdp" else 1)
+    cfg = base.replace(world_size=ranks, batch_size=batch_size // replicas, **changes)
+    anchor = base.replace(strategy="data", world_size=ranks, batch_size=batch_size // ranks)
+    times, anchor_times = [], []
+    for _ in range(reps):
+        times.append(measure(cfg))
+        anchor_times.append(measure(anchor))
+    med = statistics.median
+    return (
+        med(t for t, _ in times),
+        med(t for t, _ in anchor_times),
+        med(c for _, c in times),
+        med(c for _, c in anchor_times),
+    )
+
+
+def rows(quick: bool = False) -> list[dict]:
+    """Communication and step time of the 2-rank model-parallel layouts against ``data``
+    (lm hidden 128; ``quick``: 1 repetition of 8 steps, else 2 of 30)."""
+    reps, steps = (1, 8) if quick else (2, 30)
+    out = []
+    with tempfile.TemporaryDirectory() as runs:
+        base = ddlkit.RunConfig(model="lm", dataset="sonnets", hidden=128, steps=steps, lr=1e-3, optimizer="adam",
+                                device="cpu", run_dir=runs, seq_len=32)  # fmt: skip
+        for name in ("pipeline 1f1b", "tensor", "fsdp"):
+            step, data_step, comm, data_comm = against_data(base, name, 32, reps)
+            anchor = "data, same model, ranks and batch"
+            out.append(row(f"{name}: comm per step (KiB)", comm / 1024, data_comm / 1024, anchor))
+            out.append(row(f"{name}: step time (ms)", step * 1e3, data_step * 1e3, anchor))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2)
@@ -116,7 +153,7 @@ def main() -> None:
     if opts.only == "schedules":
         return
     dataset = "sonnets" if opts.model == "lm" else "digits"
-    rows = []
+    table = []
     with tempfile.TemporaryDirectory() as runs:
         base = ddlkit.RunConfig(
             model=opts.model,
@@ -129,23 +166,12 @@ def main() -> None:
             run_dir=runs,
             seq_len=32,
         )
-        for name, (changes, ranks) in LAYOUTS.items():
-            replicas = changes.get("dp", ranks if changes["strategy"] == "fsdp" else 1)
-            cfg = base.replace(world_size=ranks, batch_size=opts.batch_size // replicas, **changes)
-            anchor = base.replace(strategy="data", world_size=ranks, batch_size=opts.batch_size // ranks)
-            times, anchor_times = [], []
-            for _ in range(opts.reps):
-                times.append(measure(cfg))
-                anchor_times.append(measure(anchor))
-            step, comm = statistics.median(t for t, _ in times), statistics.median(c for _, c in times)
-            data_step, data_comm = (
-                statistics.median(t for t, _ in anchor_times),
-                statistics.median(c for _, c in anchor_times),
-            )
-            rows.append(
+        for name in LAYOUTS:
+            step, data_step, comm, data_comm = against_data(base, name, opts.batch_size, opts.reps)
+            table.append(
                 {
                     "strategy": name,
-                    "ranks": ranks,
+                    "ranks": LAYOUTS[name][1],
                     "step ms": 1000 * step,
                     "data step ms": 1000 * data_step,
                     "time vs data": step / data_step,
@@ -158,7 +184,7 @@ def main() -> None:
         f"model={opts.model} hidden={opts.hidden}, global batch {opts.batch_size}, {opts.steps} steps, "
         f"median of {opts.reps} (shared CPU: times are noisy)"
     )
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@
    against ``accelerate.notebook_launcher(fn)`` running the same function
    (``Accelerator()``, then report). ddlkit's first event is timed on arrival in
    the kernel, notebook_launcher's when the worker writes it: that favours the
-   anchor. A built-in config's start (from the warm starter) is shown too.
-   ``benchmarks/launch_latency.py`` measures every kind of launch (the warm
-   starter, a kernel's first launch, cloudpickled functions) against it.
+   anchor. ddlkit's spawned start for built-in configs is shown too.
 
 Repetitions alternate between the two sides so that drift in the machine
 affects both; medians are reported.
@@ -23,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
-import time
-from pathlib import Path
+
+from table import print_table, row
 
 import ddlkit
 
@@ -74,48 +71,37 @@ def step_times(reps: int, steps: int, world_size: int, batch_size: int, hidden: 
     return ours, bare
 
 
-def report_first_event(stamp_dir: str | None = None) -> None:
-    """The same function for both launchers: join the group, then report."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    if stamp_dir is None:
-        ddlkit.log(step=0, rank_time=time.time())
-    else:
-        Path(stamp_dir, f"rank{accelerator.process_index}").write_text(repr(time.time()))
-
-
-def ddlkit_latency(world_size: int, runs: str) -> float:
-    started = time.time()
-    run = ddlkit.launch(report_first_event, num_processes=world_size, device="cpu", run_dir=runs, echo=False)
-    while run.steps_done == 0 and run.status in ("starting", "running"):
-        time.sleep(0.001)
-    first = time.time() - started
-    run.wait(60)
-    return first
+def step_rows(reps: int, steps: int, world_size: int, batch_size: int, hiddens: list[int], runs: str) -> list[dict]:
+    """Step time of ``data`` against the bare accelerate DDP loop, per MLP width."""
+    out = []
+    for hidden in hiddens:
+        ours, bare = step_times(reps, steps, world_size, batch_size, hidden, runs)
+        out.append(
+            row(
+                f"step time, data, mlp hidden={hidden} (ms)",
+                statistics.median(ours) * 1e3,
+                statistics.median(bare) * 1e3,
+                "bare accelerate DDP loop",
+                "<= 1.02",
+            )
+        )
+    return out
 
 
-def ddlkit_config_latency(world_size: int, runs: str) -> float:
-    cfg = ddlkit.RunConfig(strategy="data", world_size=world_size, steps=5, device="cpu", run_dir=runs)
-    started = time.time()
-    run = ddlkit.launch(cfg, echo=False)
-    while run.steps_done == 0 and run.status in ("starting", "running"):
-        time.sleep(0.001)
-    first = time.time() - started
-    run.wait(60)
-    return first
-
-
-def notebook_launcher_latency(world_size: int) -> float:
-    from accelerate import notebook_launcher
-
-    with tempfile.TemporaryDirectory() as stamps, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        started = time.time()
-        notebook_launcher(report_first_event, (stamps,), num_processes=world_size, use_port=str(port))
-        return min(float(p.read_text()) for p in Path(stamps).iterdir()) - started
+def rows(
+    quick: bool = False,
+    reps: int | None = None,
+    steps: int = 300,
+    world_size: int = 2,
+    batch_size: int = 64,
+    hiddens: tuple[int, ...] = (256,),
+) -> list[dict]:
+    """The step-time rows (``quick``: 3 repetitions of 200 steps); launches: launch_latency.py."""
+    os.environ["ACCELERATE_USE_CPU"] = "1"  # else notebook_launcher's ranks are N single processes on CPU
+    reps = reps or (3 if quick else 5)
+    steps = 200 if quick else steps
+    with tempfile.TemporaryDirectory() as runs:
+        return step_rows(reps, steps, world_size, batch_size, list(hiddens), runs)
 
 
 def main() -> None:
@@ -129,47 +115,17 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[256, 1024],
-        help="MLP widths: ddlkit's cost is about fixed per step, so it shows less on larger steps",
+        help="MLP widths (256: a ~2.8 ms step here): ddlkit's cost is about fixed per step, so it shows less "
+        "on larger ones",
     )
     opts = parser.parse_args()
-    os.environ["ACCELERATE_USE_CPU"] = "1"  # else notebook_launcher's ranks are N single processes on CPU
-
-    with tempfile.TemporaryDirectory() as runs:
-        steps = {
-            hidden: step_times(opts.reps, opts.steps, opts.world_size, opts.batch_size, hidden, runs)
-            for hidden in opts.hidden
-        }
-        fork, anchor, spawn = [], [], []
-        for _ in range(opts.reps):
-            fork.append(ddlkit_latency(opts.world_size, runs))
-            anchor.append(notebook_launcher_latency(opts.world_size))
-            spawn.append(ddlkit_config_latency(opts.world_size, runs))
-
-    med = statistics.median
-    rows = [
-        (
-            f"step time, data, mlp hidden={hidden} (ms)",
-            med(ours) * 1e3,
-            med(bare) * 1e3,
-            "bare accelerate DDP loop",
-            1.05,
-        )
-        for hidden, (ours, bare) in steps.items()
-    ]
-    rows += [
-        ("launch to first event (s)", med(fork), med(anchor), "accelerate.notebook_launcher", 1.0),
-        ("  same, built-in config (s)", med(spawn), med(anchor), "accelerate.notebook_launcher", None),
-    ]
+    table = rows(False, opts.reps, opts.steps, opts.world_size, opts.batch_size, tuple(opts.hidden))
     print(
         f"\n{opts.world_size} CPU processes, mlp on digits, batch {opts.batch_size}/rank, one event per step, "
         f"{opts.steps} steps, median of {opts.reps} alternating repetitions "
         f"({len(os.sched_getaffinity(0))} cores, torch {__import__('torch').__version__})\n"
     )
-    print(f"{'measure':<40} {'ddlkit':>10} {'anchor':>10} {'ratio':>7}  {'aim':>6}  anchor")
-    for name, ours_value, anchor_value, anchor_name, aim in rows:
-        ratio = ours_value / anchor_value
-        aim_text = f"<={aim:.2f}" if aim else ""
-        print(f"{name:<40} {ours_value:>10.3f} {anchor_value:>10.3f} {ratio:>7.3f}  {aim_text:>6}  {anchor_name}")
+    print_table(table)
 
 
 if __name__ == "__main__":

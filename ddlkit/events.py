@@ -87,6 +87,8 @@ class Memory(Event):
     grad_bytes: int
     optimizer_bytes: int
     peak_activation_bytes: int
+    cuda_peak_bytes: NotRequired[int]  # on a GPU: the caching allocator's high-water mark during the step
+    cuda_reserved_bytes: NotRequired[int]  # on a GPU: the most bytes the allocator held from the driver then
 
 
 class Comm(Event):

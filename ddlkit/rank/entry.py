@@ -32,6 +32,7 @@ from .. import events
 from ..config import RunConfig
 from ..files import check_own_dir, make_dir, save_torch, set_file_mode
 from ..runid import check_folder_name, is_run_id, new_run_id
+from .accelerate_state import see_the_group
 from .elastic import describe_run, restarts_left, resume_after_restart, watch_control_file
 from .loop import train
 from .reporter import Reporter
@@ -73,6 +74,7 @@ def run_function(fn: Callable[..., Any], args: tuple[Any, ...], rank: int, run_d
     """The body for a user's training function: call it, keep what it returns."""
 
     def body(_reporter: Reporter) -> None:
+        see_the_group()  # PartialState(), AcceleratorState(), Accelerator(): one N-rank group, in any order
         value = fn(*args)
         if value is not None:
             save_torch(value, run_dir / f"return-rank{rank}.pt")

@@ -17,6 +17,12 @@ event. All numbers are this rank's own bytes (a DTensor counts its local shard):
   alive between forward and backward, which is what pipeline schedules and
   micro-batching change. Parameters saved for backward (also as views, such as
   ``weight.t()``) are not activations and are not counted.
+
+On a GPU the event also has the CUDA caching allocator's own figures for the
+step (``torch.cuda.max_memory_allocated`` after a reset at its start, and
+``max_memory_reserved``): ``cuda_peak_bytes`` counts everything on the device
+at its high-water mark (weights, gradients, optimizer state, activations,
+temporaries and communication buffers), so it is at least the sum above.
 """
 
 from __future__ import annotations
@@ -49,9 +55,16 @@ class MemoryMeter:
         self.peak_activation_bytes = 0
         self._live_bytes = 0
         self._saved: dict[int, list[int]] = {}  # storage address -> [bytes, times saved and not yet freed]
+        self.cuda: torch.device | None = None  # the GPU the parameters are on, if any
+        self.cuda_bytes: dict[str, int] = {}
 
     def __enter__(self) -> MemoryMeter:
-        self._param_storages = {local(p).untyped_storage().data_ptr() for p in self._params()}
+        params = self._params()
+        self._param_storages = {local(p).untyped_storage().data_ptr() for p in params}
+        self.cuda = local(params[0]).device if params and local(params[0]).is_cuda else None
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+            torch.cuda.reset_peak_memory_stats(self.cuda)
         self._grad_hook = self.optimizer.register_step_pre_hook(self._count_grads)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
@@ -60,10 +73,16 @@ class MemoryMeter:
     def __exit__(self, *exc: Any) -> None:
         self._saved_hooks.__exit__(*exc)
         self._grad_hook.remove()
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+            self.cuda_bytes = {
+                "cuda_peak_bytes": torch.cuda.max_memory_allocated(self.cuda),
+                "cuda_reserved_bytes": torch.cuda.max_memory_reserved(self.cuda),
+            }
 
     def event(self, step: int) -> events.Memory:
         """What was measured, as the ``memory`` event of ``step``."""
-        return events.Memory(
+        measured = events.Memory(
             type="memory",
             step=step,
             param_bytes=_bytes(self._params()),
@@ -73,6 +92,10 @@ class MemoryMeter:
             ),
             peak_activation_bytes=self.peak_activation_bytes,
         )
+        if self.cuda is not None:
+            measured["cuda_peak_bytes"] = self.cuda_bytes["cuda_peak_bytes"]
+            measured["cuda_reserved_bytes"] = self.cuda_bytes["cuda_reserved_bytes"]
+        return measured
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -23,6 +23,18 @@ within timer noise when the buckets do not overlap. Unsampled steps cost one
 clock read and one attribute test per bucket (see docs/load-balancing.md for
 the measured cost and for how the unsampled steps' compute/comm split is
 estimated).
+
+Python hooks cost more than the hook's own lines: DDP calls the hook holding
+the GIL, and the plain all-reduce's ``future.then(...)`` runs a Python callback
+on gloo's thread, which must take the GIL back from the training thread (with
+this wrapper, 37-65 µs a step over no hook measured here: 1.3-2.3 % of a 2.8 ms
+step; DDP without a hook does all of it in C++). So on an unsampled step the *last* bucket of the plain
+all-reduce is reduced synchronously and handed back as a completed future: it is
+the last gradient to become ready, so there is no backward computation left for
+it to overlap with, and no callback thread is woken (11-28 µs over no hook
+measured: the call, and the division DDP's C++ path fuses into its copy into the
+bucket). Its arithmetic is torch's ``allreduce_hook``'s: divide by the group's
+size, then sum.
 """
 
 import time  # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
@@ -79,6 +91,8 @@ class CommTimer:
                 dist.all_reduce(torch.zeros(1), group=self.group)  # returns when the last rank arrives
                 self.idle_s = time.perf_counter() - now
         if not self.sampled:
+            if self.inner is allreduce_hook and bucket.is_last():
+                return allreduce_now(state, bucket)
             return self.inner(state, bucket)
         start = time.perf_counter()
 
@@ -89,3 +103,13 @@ class CommTimer:
             return fut.value()
 
         return self.inner(state, bucket).then(done)
+
+
+def allreduce_now(group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """``allreduce_hook``'s result, reduced before returning (no callback on gloo's thread)."""
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(group))
+    dist.all_reduce(buffer, group=group)  # waits with the GIL released
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(buffer)
+    return done

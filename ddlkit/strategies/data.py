@@ -73,10 +73,11 @@ class DataParallel(WholeState, Strategy):
         for i, (x, y) in enumerate(micro):
             # all micro-batches but the last only accumulate; the last one's backward all-reduces the sum
             with self.accelerator.no_sync(self.model) if i < len(micro) - 1 else nullcontext():
-                part = loss_fn(self.task, self.model(x), y) * (len(x) / len(inputs))
+                part = loss_fn(self.task, self.model(x), y)
+                part = part * (len(x) / len(inputs)) if len(micro) > 1 else part  # no op to add with one
                 self.accelerator.backward(part * scale if scale != 1.0 else part)  # DDP all-reduces in backward
             losses.append(part.detach())
-        loss = torch.stack(losses).sum()
+        loss = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - self.comm.began

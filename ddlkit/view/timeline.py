@@ -235,7 +235,10 @@ def figure(run: Run, last_steps: int = 2) -> Any:
 
 def memory_table(run: Run) -> pd.DataFrame:
     """One row per rank from its ``memory`` event: bytes of parameters,
-    gradients, optimizer state and peak saved activations."""
+    gradients, optimizer state and peak saved activations (and, from GPUs, the
+    CUDA allocator's ``cuda_peak_bytes`` and ``cuda_reserved_bytes``)."""
     columns = ["rank", "param_bytes", "grad_bytes", "optimizer_bytes", "peak_activation_bytes"]
-    rows = [{k: e[k] for k in columns} for e in list(run.events) if e.get("type") == "memory"]
+    memory = [e for e in list(run.events) if e.get("type") == "memory"]
+    columns += [k for k in ("cuda_peak_bytes", "cuda_reserved_bytes") if any(k in e for e in memory)]
+    rows = [{k: e.get(k) for k in columns} for e in memory]
     return pd.DataFrame(rows, columns=columns).sort_values("rank", ignore_index=True)
