@@ -131,7 +131,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
         if not ctx.straggled:
             ctx.straggle(step_start)  # a straggler, for teaching (slowdown, delay_s, delay_jitter_s)
         if spec.lockstep and ctx.world_size > 1 and step % cfg.time_every == 0 and "idle_s" not in stats.row:
-            stats = with_idle(stats)  # the strategy does not split its communication itself (data's hook does)
+            stats = with_idle(stats, ctx.device)  # the strategy did not split its communication (data's hook does)
         steps_done = step + 1
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             reporter.step(  # the loss stays a tensor until sent: no sync in the step
@@ -164,7 +164,7 @@ def run_steps(ctx: RankContext, strategy: Strategy, spec: registry.StrategySpec)
     return {"steps": steps_done, "samples": samples, "train_s": train_s, "stopped": stopped}
 
 
-def with_idle(stats: StepStats) -> StepStats:
+def with_idle(stats: StepStats, device: torch.device) -> StepStats:
     """The step with the wait for the slowest peer measured after it: a
     one-element all-reduce returns when the last rank arrives. That wait is
     the step's ``idle_s``; what the strategy timed as communication is its
@@ -172,7 +172,7 @@ def with_idle(stats: StepStats) -> StepStats:
     fsdp and tensor)."""
     start = time.perf_counter()
     with unmetered():  # a probe, not the run's traffic: neither delayed nor counted
-        dist.all_reduce(torch.zeros(1))
+        dist.all_reduce(torch.zeros(1, device=device))  # on the ranks' device: NCCL reduces only CUDA tensors
     idle_s = time.perf_counter() - start
     row = {**stats.row, "idle_s": idle_s, "transfer_s": stats.comm_s}
     return dataclasses.replace(stats, comm_s=stats.comm_s + idle_s, row=row)

@@ -53,9 +53,12 @@ Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
 class CommTimer:
     """Wraps a DDP comm hook (``inner``, called with ``state``); see the module doc."""
 
-    def __init__(self, inner: Hook = allreduce_hook, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, inner: Hook = allreduce_hook, group: dist.ProcessGroup | None = None, device: str | torch.device = "cpu"
+    ) -> None:
         self.inner = inner
         self.group = group
+        self.device = device  # of the one-element all-reduce: NCCL reduces only CUDA tensors
         self.ctx: RankContext | None = None  # set by the strategy's setup: stragglers pause in the hook
         self.sampled = False
         self.simulated_s = 0.0
@@ -88,7 +91,7 @@ class CommTimer:
             self.busy_s = now - work_started
             if self.sampled:
                 self._window = (now, now)
-                dist.all_reduce(torch.zeros(1), group=self.group)  # returns when the last rank arrives
+                dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)  # when the last rank arrives
                 self.idle_s = time.perf_counter() - now
         if not self.sampled:
             if self.inner is allreduce_hook and bucket.is_last():

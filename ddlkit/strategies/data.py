@@ -52,7 +52,7 @@ class DataParallel(WholeState, Strategy):
         self.time_every, self.sample_work_s = cfg.time_every, cfg.sample_work_s
         self.balancer = Balancer(cfg, self.dp_rank, self.dp_size)
         state, hook = compression.hook_for(cfg)
-        self.comm = CommTimer(hook)  # times whichever hook sends the gradients
+        self.comm = CommTimer(hook, device=accelerator.device)  # times whichever hook sends the gradients
         self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # not with one process
             self.model.register_comm_hook(state=state, hook=self.comm.hook)
