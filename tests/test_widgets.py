@@ -150,6 +150,51 @@ def test_a_default_panel_changes_the_layout_of_a_running_run_and_reverts_what_ca
     assert panel.config().world_size == 1 and panel.config().batch_size == 16  # the next Run is what is shown
 
 
+def test_a_layout_change_made_while_the_dashboard_shows_the_last_one_is_not_lost():
+    """The dashboard's thread sets the widgets to a relaunch's layout (``follow``)
+    while a cell changes the strategy: the change waits its turn and is acted on,
+    not taken for one of the dashboard's own (CI saw that as an empty error box)."""
+    import threading
+
+    import ipywidgets as widgets
+
+    from ddlkit.view.relayout import LayoutWidgets
+
+    boxes = {
+        "world_size": widgets.IntText(value=2),
+        "strategy": widgets.Dropdown(options=["data", "pipeline"], value="data"),
+        "batch_size": widgets.IntText(value=8),
+    }
+    layout = LayoutWidgets(boxes, show_error=lambda text: None)
+    layout.start(RunConfig(strategy="data", world_size=2))
+    asked: list[tuple] = []
+
+    class RunBeingRelaid:
+        events = [{"type": "layout", "world_size": 1, "strategy": "data", "batch_size": 16}]
+
+        def relaunch(self, world_size, strategy, **knobs):
+            asked.append((world_size, strategy))
+
+    run = RunBeingRelaid()
+    config = RunConfig(strategy="pipeline", world_size=2)
+    for name in ("world_size", "strategy"):
+        boxes[name].observe(lambda _: layout.changed(run, lambda: config), "value")
+    validating, go_on = threading.Event(), threading.Event()
+    boxes["batch_size"].observe(lambda _: (validating.set(), go_on.wait(10)), "value")  # the panel validates here
+
+    dashboard = threading.Thread(target=layout.follow, args=(run,))
+    dashboard.start()
+    assert validating.wait(10) and boxes["batch_size"].value == 16  # the cell sees the new batch already
+    cell = threading.Thread(target=lambda: setattr(boxes["strategy"], "value", "pipeline"))
+    cell.start()
+    cell.join(0.3)
+    go_on.set()
+    dashboard.join(10)
+    cell.join(10)
+    assert not dashboard.is_alive() and not cell.is_alive()
+    assert asked == [(1, "pipeline")] and layout.layout == (1, "pipeline")
+
+
 def test_model_parallel_knobs_describe_a_layout_and_refuse_impossible_ones():
     panel = ControlPanel(RunConfig(strategy="data", world_size=2, model="lm", dataset="sonnets", device="cpu"))
     panel.fields["strategy"].value = "hybrid"
