@@ -87,7 +87,9 @@ def test_ports_listen_on_loopback_only_and_strangers_are_refused(runs_dir):
 
 
 def test_a_notebook_function_is_cloudpickled_once_forking_the_kernel_is_unsafe(monkeypatch):
+    import io
     import pickle
+    import sys
 
     import torch
 
@@ -98,7 +100,9 @@ def test_a_notebook_function_is_cloudpickled_once_forking_the_kernel_is_unsafe(m
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     argv, payload = function_plan(local_train, (21,), "auto")
     assert argv == ["--pickled", "function.pkl"]
-    function, args = pickle.loads(payload)
+    file = io.BytesIO(payload)
+    assert pickle.load(file) == sys.path  # the ranks import as the kernel does
+    function, args = pickle.load(file)
     assert function(*args) == 42
     monkeypatch.undo()
     assert function_plan(local_train, (1,), "warm")[0] == ["--pickled", "function.pkl"]  # forced

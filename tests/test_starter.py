@@ -242,6 +242,20 @@ def test_start_spawn_runs_a_cloudpickled_function_in_fresh_interpreters(runs_dir
     assert (run.path / "function.pkl").exists()
 
 
+@pytest.mark.parametrize("start", ["warm", "spawn"])
+def test_a_function_from_a_folder_the_kernel_put_on_sys_path_runs_cloudpickled(runs_dir, tmp_path, monkeypatch, start):
+    """cloudpickle sends an importable module's function by name: the ranks
+    import it through the kernel's sys.path (``python -m benchmarks`` failed so)."""
+    (tmp_path / "kernel_only_module.py").write_text(
+        "import ddlkit\n\ndef report(value):\n    ddlkit.log(step=0, value=value)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from kernel_only_module import report  # type: ignore[import-not-found]
+
+    run = ddlkit.launch(report, 7.0, num_processes=2, run_dir=runs_dir, echo=False, start=start).wait(timeout=90)
+    assert (run.path / "function.pkl").exists() and list(run.metrics["value"]) == [7.0, 7.0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_after_cuda_init_in_the_kernel_a_notebook_function_and_a_config_still_run_on_the_gpu(runs_dir):

@@ -9,6 +9,12 @@ come from the warm starter (``ddlkit.kernel.forkserver``) or fresh
 interpreters instead. Something that cannot travel (a lock, an open socket or
 file) is named in a ValueError before anything starts.
 
+The file holds two pickles: the kernel's ``sys.path``, then the function and
+its arguments. cloudpickle sends a function of an importable module by
+reference (its name), so the rank takes the kernel's import path before it
+loads the function: a module the notebook imports from a folder it added to
+``sys.path`` imports in the ranks too, as it would in ranks forked from it.
+
 The file lies in the run's folder, which only its owner can write
 (``ddlkit.files``): nobody else can plant a pickle for the ranks to load.
 """
@@ -16,6 +22,8 @@ The file lies in the run's folder, which only its owner can write
 from __future__ import annotations
 
 import inspect
+import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +33,15 @@ _DEPTH = 4  # how deep to look for the culprit: function -> helper -> class -> m
 
 
 def pickle_function(function: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
-    """``(function, args)`` serialised by value, or a ValueError naming what cannot be.
+    """The kernel's ``sys.path`` and ``(function, args)`` serialised by value,
+    or a ValueError naming what cannot be.
 
-    >>> import pickle
+    >>> import io
     >>> scale = 3
-    >>> fn, args = pickle.loads(pickle_function(lambda x: x * scale, (2,)))
+    >>> file = io.BytesIO(pickle_function(lambda x: x * scale, (2,)))
+    >>> pickle.load(file) == sys.path
+    True
+    >>> fn, args = pickle.load(file)
     >>> fn(*args)
     6
     >>> import threading
@@ -40,7 +52,7 @@ def pickle_function(function: Callable[..., Any], args: tuple[Any, ...]) -> byte
     ValueError: the function <lambda> uses 'guard' (a lock), which cannot be sent to the ranks ...
     """
     try:
-        return cloudpickle.dumps((function, args))
+        return pickle.dumps(list(sys.path)) + cloudpickle.dumps((function, args))
     except Exception as exc:
         problem = exc
     name = getattr(function, "__qualname__", repr(function))

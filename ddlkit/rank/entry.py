@@ -84,10 +84,15 @@ def run_function(fn: Callable[..., Any], args: tuple[Any, ...], rank: int, run_d
 
 def run_pickled(path: Path, rank: int, run_dir: Path) -> Callable[[Reporter], None]:
     """The body for a function the kernel cloudpickled (``ddlkit.kernel.pickled``),
-    loaded inside the body so that a failure to load it is reported like any other."""
+    loaded inside the body so that a failure to load it is reported like any other.
+    The kernel's import path comes first: the function may live in a module the
+    kernel imported from a folder it added to ``sys.path``."""
 
     def body(reporter: Reporter) -> None:
-        function, args = pickle.loads(path.read_bytes())
+        with path.open("rb") as file:
+            kernel_path: list[str] = pickle.load(file)
+            sys.path[:] = kernel_path + [entry for entry in sys.path if entry not in kernel_path]
+            function, args = pickle.load(file)
         run_function(function, args, rank, run_dir)(reporter)
 
     return body
