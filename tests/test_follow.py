@@ -192,3 +192,17 @@ def test_a_restarted_rank_ends_the_line_its_killed_predecessor_cut(folder):
     logs = RankLogs(folder)
     assert [(e["type"], e.get("loss")) for e in logs.read()] == [("step", 2.0), ("step", 1.5)]
     assert logs.skipped_lines == 1
+
+
+def test_a_ranks_first_step_row_is_sent_at_once_not_with_the_next_batch(folder):
+    """The notebook shows a run as going when its first step arrives (launch
+    latency): that row does not wait up to FLUSH_S for the batch, even right
+    after another event was sent."""
+    from ddlkit.rank.reporter import Reporter
+
+    path = folder / "events-rank0.jsonl"
+    reporter = Reporter(0, file=path)
+    reporter.send({"type": "beat", "step": -1}, now=True)  # just sent: a row now would be queued for the batch
+    reporter.step(0, loss=1.5)
+    assert [json.loads(line).get("step") for line in path.read_text().splitlines()] == [-1, 0]
+    reporter.close()

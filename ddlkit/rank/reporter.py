@@ -7,7 +7,9 @@ same events to ``<run_dir>/events-rank<r>.jsonl`` instead.
 
 An event is sent at once if nothing was sent in the last ``FLUSH_S``;
 faster ones are queued and sent in batches every ``FLUSH_S`` by a background
-thread, and at once when the rank reports an error or finishes. Values may be
+thread, and at once when the rank reports an error or finishes, and the run's
+first step row (the notebook shows a run as going when it arrives: its
+launch latency). Values may be
 tensors: they become numbers when sent, off the training step's path. One message per
 step would wake the kernel's collector hundreds of times a second, and on a
 machine with as many cores as ranks that steals CPU from the workers (5-8 % of
@@ -67,6 +69,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._pending: deque[dict[str, Any]] = deque()  # append and popleft are atomic
         self.last_step = -1
+        self.stepped = False  # a step row was sent (the first goes at once)
         self.started = False  # past start-up: the rank loop runs
         self._flushed_at = 0.0
         self._parent = os.getppid()
@@ -120,7 +123,8 @@ class Reporter:
         self.last_step = self.last_step + 1 if step is None else int(step)
         row: dict[str, Any] = {"rank": self.rank, "time": time.time(), "type": "step", "step": self.last_step}
         row.update(values)  # any keys a launched function logs, beside those events.Step names
-        self._queue(row)
+        self._queue(row, now=not self.stepped)
+        self.stepped = True
 
     def _queue(self, event: dict[str, Any], now: bool = False) -> None:
         self._pending.append(event)
