@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import RunConfig
 from .kernel.follow import follow
+from .kernel.forkserver import warm_up
 from .kernel.launch import launch
 from .kernel.records import load_run
 from .kernel.run import Result, Run, RunFailed, RunInterrupted
@@ -30,6 +31,7 @@ __all__ = [
     "Result",
     "load_run",
     "follow",
+    "warm_up",
     "Dashboard",
     "ControlPanel",
     "sweep",

@@ -309,3 +309,15 @@ def test_a_kernels_first_launch_returns_at_once_while_the_starter_preloads(runs_
     assert not forkserver.current().is_ready()  # the supervisor's thread starts the ranks once it is
     assert run.status == "starting"
     assert run.wait(timeout=120).status == "done"
+
+
+def test_warm_up_starts_the_starter_in_the_background_and_a_launch_then_takes_it_ready(runs_dir):
+    if forkserver.current() is not None:
+        forkserver.current().close()  # as in a fresh kernel
+    started = time.perf_counter()
+    ddlkit.warm_up()  # a notebook's first cell
+    assert time.perf_counter() - started < 0.5 and not forkserver.current().is_ready()  # preloading meanwhile
+    starter = forkserver.current()
+    starter.wait_ready()
+    run = ddlkit.launch(RunConfig(steps=3, batch_size=8, run_dir=runs_dir), echo=False).wait(timeout=120)
+    assert run.status == "done" and forkserver.current() is starter  # the same starter forked its ranks

@@ -205,13 +205,14 @@ def current() -> WarmStarter | None:
 
 
 def warm_up() -> None:
-    """Start the starter in the background (a ControlPanel does, so that its
-    Run click finds it ready); nothing happens where it cannot work, or with
+    """Start the warm starter in the background, so that the kernel's first
+    launch finds torch imported (about 3 s saved; a ControlPanel does this
+    when it is built). Nothing happens where the starter cannot work, or with
     ``DDLKIT_START=spawn``.
 
     Example (it starts a process, so it is no doctest)::
 
-        ddlkit.kernel.forkserver.warm_up()   # returns at once
+        ddlkit.warm_up()   # returns at once; put it in a notebook's first cell
     """
     if os.environ.get("DDLKIT_START", "").strip() == "spawn":
         return
