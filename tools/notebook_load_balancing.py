@@ -102,13 +102,15 @@ most parameters but costs almost no time, while the attention blocks hold few
 parameters and cost nearly all of it: parameter cuts give the embedding a
 stage of its own and both blocks to the other. `cut_points="auto"` profiles
 each layer's forward + backward on a micro-batch and cuts to minimise the
-slowest stage (a linear partition). The slowest stage's time halves; the step
-time follows it when the ranks have cores of their own.""",
+slowest stage (a linear partition). The slowest stage's time halves, and the
+step time falls with it: with four micro-batches in flight the step is paced
+by the slowest stage. (The step time falls only where the two ranks have
+cores of their own; on a machine busy with other work they take turns.)""",
     ),
     (
         "code",
         """lm = ddlkit.RunConfig(strategy="pipeline", world_size=2, pp=2, model="lm", dataset="sonnets", seq_len=512,
-                      hidden=16, batch_size=4, micro_batches=2, steps=6, device="cpu", seed=0)
+                      hidden=16, batch_size=4, micro_batches=4, steps=8, device="cpu", seed=0)
 pipes = {cuts: ddlkit.launch(lm.replace(cut_points=cuts), echo=False).wait(timeout=600) for cuts in (None, "auto")}
 (report,) = [e for e in pipes["auto"].events if e["type"] == "cuts"]
 rows = {cuts: run.metrics[run.metrics["step"] >= 1] for cuts, run in pipes.items()}
@@ -117,11 +119,10 @@ step_time = {cuts: r.groupby("step")["step_time"].max().median() for cuts, r in 
 print(f"cuts by parameters {report['param_cuts']}: slowest stage {max(report['param_stage_s']) * 1e3:.1f} ms profiled, "
       f"{slowest[None] * 1e3:.0f} ms a step in the run; auto {report['cuts']}: {max(report['stage_s']) * 1e3:.1f} ms, "
       f"{slowest['auto'] * 1e3:.0f} ms")
-print(f"step time {step_time[None] * 1e3:.0f} ms -> {step_time['auto'] * 1e3:.0f} ms")
+print(f"step time {step_time[None] * 1e3:.0f} ms -> {step_time['auto'] * 1e3:.0f} ms "
+      f"({step_time['auto'] / step_time[None]:.2f}x)")
 assert max(report["stage_s"]) < max(report["param_stage_s"]) and slowest["auto"] < 0.8 * slowest[None]
-# With two free cores the step time falls with the slowest stage (benchmarks/load_balancing.py: 0.65x). On a
-# machine busy with other work the two ranks do not really run in parallel: allow noise, never a real slowdown.
-assert step_time["auto"] < 1.25 * step_time[None]
+assert step_time["auto"] < step_time[None]  # 0.68-0.76x with two free cores: the ranks work at once
 balance.cuts_figure(pipes["auto"])""",
     ),
 ]
