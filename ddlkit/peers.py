@@ -1,10 +1,11 @@
 """Who is on the other end of a loopback TCP connection.
 
 A TCP socket carries no credentials (a unix socket has ``SO_PEERCRED``), but
-on Linux the kernel lists every TCP socket of this network namespace in
-``/proc/net/tcp``, each with the uid that owns it and its inode. The listing
-is the kernel's, so another local user cannot forge it: a connection whose
-client socket belongs to another uid is a stranger's, whatever it sends.
+on Linux the kernel lists every TCP socket of this network namespace
+(over netlink, ``ddlkit.sockdiag``, or else in ``/proc/net/tcp``), each with
+the uid that owns it and its inode. The listing is the kernel's, so another
+local user cannot forge it: a connection whose client socket belongs to
+another uid is a stranger's, whatever it sends.
 
 ddlkit's listeners (the channel, the rendezvous store) close a stranger's
 connection as soon as it is accepted, before reading a byte from it.
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from . import sockdiag
+
 CHECKED = sys.platform == "linux"  # elsewhere there is no /proc/net/tcp to ask
 _TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))  # torch's client may use an IPv6 socket
 _TIME_WAIT, _LISTEN = "06", "0A"
@@ -44,19 +47,34 @@ class TcpSocket(NamedTuple):
     inode: int
 
 
-def _address(field: str) -> tuple[str, int]:
-    """'0100007F:1F90' -> ('127.0.0.1', 8080); an IPv6 socket's IPv4-mapped
-    address ('::ffff:127.0.0.1') as the IPv4 one it stands for."""
-    host, port = field.split(":")
-    packed = b"".join(struct.pack("=I", int(host[i : i + 8], 16)) for i in range(0, len(host), 8))
+def _host(packed: bytes) -> str:
+    """An address as the kernel packs it; an IPv6 socket's IPv4-mapped address
+    ('::ffff:127.0.0.1') as the IPv4 one it stands for."""
     if len(packed) == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":
         packed = packed[12:]
-    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
-    return socket.inet_ntop(family, packed), int(port, 16)
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def _address(field: str) -> tuple[str, int]:
+    """'0100007F:1F90' (a line of /proc/net/tcp) -> ('127.0.0.1', 8080)."""
+    host, port = field.split(":")
+    packed = b"".join(struct.pack("=I", int(host[i : i + 8], 16)) for i in range(0, len(host), 8))
+    return _host(packed), int(port, 16)
 
 
 def tcp_sockets() -> Iterator[TcpSocket]:
-    """Every TCP socket of this network namespace, as the kernel lists them."""
+    """Every TCP socket of this network namespace, as the kernel lists them:
+    over netlink where it answers, else from ``/proc/net/tcp``."""
+    try:
+        table = sockdiag.tcp_sockets()
+    except OSError:
+        yield from _proc_tcp_sockets()
+        return
+    for state, local, local_port, remote, remote_port, uid, inode in table:
+        yield TcpSocket((_host(local), local_port), (_host(remote), remote_port), f"{state:02X}", uid, inode)
+
+
+def _proc_tcp_sockets() -> Iterator[TcpSocket]:
     for path in _TCP_TABLES:
         if not path.exists():  # a kernel without IPv6
             continue

@@ -116,12 +116,12 @@ def _long_function():
 
 def test_stop_ends_the_run_as_stopped_keeping_its_rows(runs_dir):
     run = ddlkit.launch(_long_function, num_processes=2, run_dir=runs_dir, echo=False)
-    while run.steps_done < 20:
+    while len(run.metrics) < 40:  # 20 rows of each rank (steps_done follows the faster one: 39 were seen)
         time.sleep(0.05)
     run.stop()
     assert run.status == "stopped"
     kept = len(run.metrics)
-    assert kept >= 40
+    assert kept >= 40  # nothing received before the stop is dropped
     assert len(ddlkit.load_run(run.path).metrics) == kept
     with pytest.raises(RuntimeError, match="stopped before it finished"):
         run.result()

@@ -238,3 +238,31 @@ def test_a_bad_mode_is_refused_before_anything_is_written(runs_dir, monkeypatch,
     with pytest.raises(ValueError, match=f"{MODE_VARIABLE}=.* is invalid: .*700 .*750 .*755"):
         ddlkit.launch(RunConfig(run_dir=runs_dir), echo=False)
     assert not Path(runs_dir).exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="netlink and /proc/net/tcp are Linux's")
+def test_the_socket_table_over_netlink_is_the_one_in_proc_and_proc_is_the_fallback(monkeypatch):
+    """Who owns a connection is read over netlink (~0.5 ms, against ~7 ms for /proc/net/tcp,
+    three times on a launch's critical path); both must give the same sockets, owners and inodes."""
+    from ddlkit import peers, sockdiag
+
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket(socket.AF_INET6) as client:
+        client.connect(("::ffff:127.0.0.1", server.getsockname()[1]))  # an IPv6 socket, as torch's client may use
+        accepted, _ = server.accept()
+        with accepted:
+            ports = {server.getsockname()[1], client.getsockname()[1]}
+
+            def ours(table):
+                return sorted(s for s in table if s.local[1] in ports and s.state != "06")
+
+            over_netlink, in_proc = ours(peers.tcp_sockets()), ours(peers._proc_tcp_sockets())
+            assert over_netlink == in_proc and len(in_proc) == 3  # listening, and both ends of the connection
+            assert {s.uid for s in in_proc} == {os.geteuid()} and all(s.inode for s in in_proc)
+            assert {s.local[0] for s in in_proc} == {"127.0.0.1"}  # the IPv6 client's address, as IPv4
+            assert peers.owner_uid(accepted) == os.geteuid()
+
+            def no_netlink():
+                raise OSError("no inet_diag")
+
+            monkeypatch.setattr(sockdiag, "tcp_sockets", no_netlink)  # a kernel without sock_diag
+            assert ours(peers.tcp_sockets()) == in_proc and peers.owner_uid(accepted) == os.geteuid()
