@@ -56,7 +56,12 @@ def _left(before: set[int]) -> set[int]:
     warm = forkserver.current()
     left = set(children_of(os.getpid())) - before
     if warm is not None and warm.alive:
-        left = (left - {warm.pid}) | set(children_of(warm.pid))
+        children = set(children_of(warm.pid))
+        try:
+            children -= set(warm.probe()["spares"])  # they wait to become ranks
+        except (forkserver.StarterUnavailable, OSError):  # it ended meanwhile: its children count
+            pass
+        left = (left - {warm.pid}) | children
     return left
 
 

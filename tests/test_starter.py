@@ -120,7 +120,10 @@ def sleepy():
 run = ddlkit.launch(sleepy, num_processes=2, run_dir=sys.argv[1], echo=False, start="warm")
 while len(run.metrics) < 2 and run.status in ("starting", "running"):  # both ranks in their function
     time.sleep(0.05)
-print(json.dumps({"starter": ddlkit.kernel.forkserver.current().pid, "ranks": run.pids}), flush=True)
+starter = ddlkit.kernel.forkserver.current()
+while len(starter.probe()["spares"]) < 2:  # forked again once the launch is over
+    time.sleep(0.05)
+print(json.dumps({"starter": starter.pid, "ranks": run.pids, "spares": starter.probe()["spares"]}), flush=True)
 if sys.argv[2] == "sigkill":
     time.sleep(600)
 """
@@ -138,17 +141,17 @@ def test_the_starter_and_its_ranks_end_with_the_kernel(tmp_path, how):
     try:
         assert select.select([kernel.stdout], [], [], 60)[0], "the stand-in said nothing in 60 s"
         pids = json.loads(kernel.stdout.readline())
-        assert len(pids["ranks"]) == 2 and alive(pids["starter"])
+        assert len(pids["ranks"]) == 2 and len(pids["spares"]) == 2 and alive(pids["starter"])
         if how == "sigkill":
             kernel.send_signal(signal.SIGKILL)
         kernel.wait(timeout=30)
         wait_until(lambda: not alive(pids["starter"]), 10)
-        wait_until(lambda: not any(running_in_process_group(pid) for pid in pids["ranks"]), 10)
+        wait_until(lambda: not any(running_in_process_group(pid) for pid in pids["ranks"] + pids["spares"]), 10)
     finally:  # nothing of this test may outlive it, also when it fails
         kernel.kill()
         kernel.wait()
         kernel.stdout.close()
-        for pid in [pids.get("starter"), *pids.get("ranks", [])]:
+        for pid in [pids.get("starter"), *pids.get("ranks", []), *pids.get("spares", [])]:
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
@@ -322,3 +325,61 @@ def test_warm_up_starts_the_starter_in_the_background_and_a_launch_then_takes_it
     starter.wait_ready()
     run = ddlkit.launch(RunConfig(steps=3, batch_size=8, run_dir=runs_dir), echo=False).wait(timeout=120)
     assert run.status == "done" and forkserver.current() is starter  # the same starter forked its ranks
+
+
+def test_a_launchs_ranks_are_the_spares_the_starter_forked_ahead_and_new_ones_follow(runs_dir):
+    """No fork on a launch's path: its ranks are processes the starter forked
+    before (each leading its own group, waiting), and it forks new ones after."""
+    warm = forkserver.warm_starter()
+    wait_until(lambda: len(warm.probe()["spares"]) == 2, 10)
+    spares = warm.probe()["spares"]
+    for pid in spares:
+        assert alive(pid) and os.getpgid(pid) == pid and pid in children_of(warm.pid)
+    run = ddlkit.launch(whoami, num_processes=2, run_dir=runs_dir, echo=False, start="warm").wait(timeout=60)
+    assert sorted(run.pids) == sorted(spares) == sorted(run.metrics["pid"])  # they became the ranks
+    assert set(run.metrics["group"]) == set(spares) and not any(run.metrics["cuda"])
+    wait_until(lambda: len(warm.probe()["spares"]) == 2, 10)
+    assert not set(warm.probe()["spares"]) & set(spares)  # new ones, forked after the launch
+    for pid in spares:
+        wait_until(lambda: not running_in_process_group(pid), 10)  # noqa: B023 (waited on right here)
+
+
+def test_a_spare_killed_from_outside_is_replaced_and_launches_go_on(runs_dir):
+    warm = forkserver.warm_starter()
+    wait_until(lambda: len(warm.probe()["spares"]) == 2, 10)
+    victim = warm.probe()["spares"][0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in warm.probe()["spares"] and len(warm.probe()["spares"]) == 2, 10)
+    wait_until(lambda: not alive(victim), 10)  # reaped, not a zombie
+    run = ddlkit.launch(whoami, num_processes=2, run_dir=runs_dir, echo=False, start="warm").wait(timeout=60)
+    assert run.status == "done" and victim not in run.pids
+
+
+def test_a_spare_that_ended_before_its_request_is_skipped_and_reaped():
+    """The starter hands a request to the next spare (or a fresh fork) when the one
+    it took ended in the meantime (its pipe is broken), instead of failing."""
+    from ddlkit.rank import forkserver as starter
+
+    request_read, request_write = os.pipe()
+    output_read, output_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.close(request_read)  # its end of the pipe is gone with it
+    wait_until(lambda: not alive(pid), 10)  # ended, not reaped yet
+    dead = starter.Waiting(pid, request_write, output_read)
+    fresh_read, fresh_write = os.pipe()
+    fresh_output, fresh_output_write = os.pipe()
+    fresh = starter.Waiting(424242, fresh_write, fresh_output)
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with kernel, ours:
+        started = starter.start_rank({"op": "start", "argv": ["x"]}, [dead], lambda: fresh, ours)
+        assert started == 424242
+        message, fds, _, _ = socket.recv_fds(kernel, 1024, 1)
+        assert json.loads(message) == {"op": "started", "pid": 424242} and len(fds) == 1
+        with os.fdopen(fresh_read, "rb") as got:
+            assert json.loads(got.read())["argv"] == ["x"]  # the request reached the fresh one
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # the ended spare was reaped
+    for fd in (*fds, output_write, fresh_output_write):
+        os.close(fd)

@@ -15,6 +15,13 @@ by ``ddlkit.kernel.forkserver``. FD is this process's end of a unix
   output pipe attached (SCM_RIGHTS); ``{"op": "exited", "pid": p, "code": c}``
   when a rank ends (as ``Popen.returncode``); ``{"op": "probe", ...}``.
 
+A fork of this process takes ~10 ms (its page tables are large), and a
+launch's ranks were forked one after the other: the last began ~20 ms after
+the first. So the starter forks ``SPARES`` processes ahead of time, each in its
+own process group and waiting on a pipe for its request; a start request goes
+to a spare if one waits (no fork on the launch's path), else to a fresh fork.
+Spares are forked again once the starter has had nothing to do for ``REFILL_S``.
+
 The starter ends with the kernel: at end of file on its socket (also when the
 kernel is SIGKILLed: the kernel's end closes with it) it kills every rank's
 process group and exits; with ``--die-with-parent`` the kernel's death also
@@ -31,10 +38,14 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NamedTuple, NoReturn
 
 MAX_MESSAGE = 1 << 20  # an environment and an argv: a few kB
+SPARES = 2  # processes forked ahead, waiting to become ranks: a launch's first ranks start without a fork
+REFILL_S = 0.25  # after a launch, fork new spares this long after its last request (not while its ranks start)
 
 
 def die_with_parent() -> None:
@@ -84,32 +95,62 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
     socket.send_fds(sock, [json.dumps(message).encode()], fds or [])
 
 
-def start_rank(request: dict[str, Any], sock: socket.socket, wakeup: tuple[int, int]) -> int:
-    """Fork one rank: its own process group, its output on a new pipe whose read
-    end goes to the kernel, the kernel's environment and folder; returns its pid."""
-    read_fd, write_fd = os.pipe()
+class Waiting(NamedTuple):
+    """A forked process waiting for its rank's request: the starter keeps
+    ``SPARES`` of them, so that a launch's ranks need no fork of their own."""
+
+    pid: int
+    request_fd: int  # the starter writes the request here, then closes it
+    output_fd: int  # the read end of its output pipe, for the kernel
+
+
+def fork_waiting(sock: socket.socket, inherited: list[int]) -> Waiting:
+    """Fork a process that leads its own process group and, once the starter
+    writes it a request, becomes that rank (``inherited``: descriptors it must
+    not keep: the kernel's socket, the wake-up pipe, the other spares' pipes)."""
+    request_read, request_fd = os.pipe()
+    output_fd, output_write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the rank; it never returns
+    if pid == 0:  # it never returns
         try:
             os.setpgid(0, 0)  # also done by the parent below: whoever runs first, no window
             die_with_parent()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for fd in (sock.fileno(), read_fd, *wakeup):
+            for fd in (sock.fileno(), *inherited, request_fd, output_fd):
                 os.close(fd)
-            become_rank(request, write_fd)
+            with os.fdopen(request_read, "rb") as requests:
+                data = requests.read()
+            if data:  # nothing: the starter ended, or retired this spare
+                become_rank(json.loads(data), output_write)
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(1)
     try:
         os.setpgid(pid, pid)
-    except (ProcessLookupError, PermissionError):  # it already ended (or exec'd): its exit is reported
+    except (ProcessLookupError, PermissionError):  # it already ended: its exit is seen by reap
         pass
-    os.close(write_fd)
-    send(sock, {"op": "started", "pid": pid}, [read_fd])
-    os.close(read_fd)
-    return pid
+    os.close(request_read)
+    os.close(output_write)
+    return Waiting(pid, request_fd, output_fd)
+
+
+def start_rank(request: dict[str, Any], spares: list[Waiting], fork: Callable[[], Waiting], sock: socket.socket) -> int:
+    """Hand ``request`` to a waiting spare (or a fresh fork), and its output to the kernel; its pid."""
+    while True:
+        waiting = spares.pop(0) if spares else fork()
+        try:
+            os.write(waiting.request_fd, json.dumps(request).encode())  # a few kB: within the pipe's buffer
+            break
+        except BrokenPipeError:  # it ended before its request came (killed from outside): the next
+            os.close(waiting.output_fd)
+            os.waitpid(waiting.pid, 0)
+        finally:
+            os.close(waiting.request_fd)
+    send(sock, {"op": "started", "pid": waiting.pid}, [waiting.output_fd])
+    os.close(waiting.output_fd)
+    return waiting.pid
 
 
 def become_rank(request: dict[str, Any], write_fd: int) -> NoReturn:
@@ -135,8 +176,8 @@ def become_rank(request: dict[str, Any], write_fd: int) -> NoReturn:
     main(request["argv"])
 
 
-def reap(children: set[int], sock: socket.socket) -> None:
-    """Report every rank that ended."""
+def reap(children: set[int], spares: list[Waiting], sock: socket.socket) -> None:
+    """Report every rank that ended; forget spares that ended (killed from outside)."""
     for pid in list(children):
         try:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -145,10 +186,20 @@ def reap(children: set[int], sock: socket.socket) -> None:
         if done:
             children.discard(pid)
             send(sock, {"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+    for spare in list(spares):
+        try:
+            done = os.waitpid(spare.pid, os.WNOHANG)[0]
+        except ChildProcessError:
+            done = spare.pid
+        if done:
+            spares.remove(spare)
+            os.close(spare.request_fd)
+            os.close(spare.output_fd)
 
 
 def serve(sock: socket.socket) -> None:
-    """Answer the kernel until it goes away."""
+    """Answer the kernel until it goes away. Spares are forked while nothing
+    else happens (``REFILL_S`` after a launch took them: not while its ranks start)."""
     import select
 
     wakeup = os.pipe()
@@ -156,23 +207,33 @@ def serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a rank's end wakes the select below
     signal.set_wakeup_fd(wakeup[1])
     children: set[int] = set()
+    spares: list[Waiting] = []
+    refill_at = time.monotonic()
+
+    def fork_one() -> Waiting:
+        return fork_waiting(sock, [*wakeup, *(fd for spare in spares for fd in (spare.request_fd, spare.output_fd))])
+
     try:
         while True:
-            readable, _, _ = select.select([sock.fileno(), wakeup[0]], [], [])
+            wait = None if len(spares) >= SPARES else max(0.0, refill_at - time.monotonic())
+            readable, _, _ = select.select([sock.fileno(), wakeup[0]], [], [], wait)
+            if not readable:
+                spares.append(fork_one())
             if wakeup[0] in readable:
                 os.read(wakeup[0], 4096)
-                reap(children, sock)
+                reap(children, spares, sock)
             if sock.fileno() in readable:
                 data = sock.recv(MAX_MESSAGE)
                 if not data:  # the kernel is gone
                     return
                 request = json.loads(data)
                 if request["op"] == "start":
-                    children.add(start_rank(request, sock, wakeup))
+                    children.add(start_rank(request, spares, fork_one, sock))
+                    refill_at = time.monotonic() + REFILL_S
                 elif request["op"] == "probe":
-                    send(sock, state())
+                    send(sock, {**state(), "spares": [spare.pid for spare in spares]})
     finally:
-        for pid in children:  # the kernel is gone: so are its ranks
+        for pid in [*children, *(spare.pid for spare in spares)]:  # the kernel is gone: so are its ranks
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
