@@ -81,3 +81,15 @@ def test_the_cuts_panel_shows_stage_times_before_and_after():
     assert list(fig.data[1].x) == ["stage 0", "stage 1"] and fig.layout.barmode == "group"
     assert fig.data[0].marker.color == "#aaaaaa" != fig.data[1].marker.color  # before grey, after in colour
     assert fig.layout.yaxis.title.text == "ms (forward + backward)" and fig.layout.height == 360
+
+
+def test_runs_compared_by_name_say_what_differs_in_the_legend_and_title():
+    """Notebook 08 compares balance=none with balance=dynamic: the legend said '0957d5 · 2 ranks' for each
+    (seen in JupyterLab); runs given as {name: run} are called by their names."""
+    none, dynamic = balanced_run(), balanced_run()
+    fig = ddlkit.figures.figure({"balance=none": none, "balance=dynamic": dynamic}, keys=["idle", "throughput"])
+    throughput = [t.name for t in fig.data if t.showlegend is not False]  # the legend: one line per run
+    assert throughput == ["balance=none samples/s", "balance=dynamic samples/s"]
+    assert fig.layout.title.text.startswith("balance=none: run events") and " | balance=dynamic: run " in (
+        fig.layout.title.text
+    )

@@ -39,7 +39,7 @@ for mode in runs:
     print(f"{mode:8s} idle fraction rank 0 {idle[mode].loc[0, 'idle_fraction']:.0%}, "
           f"rank 1 {idle[mode].loc[1, 'idle_fraction']:.0%}; {speed[mode]:,.0f} samples/s")
 print("shares of the global batch (dynamic):", balance.shares(runs["dynamic"]).to_dict("index"))
-ddlkit.figures.figure(list(runs.values()), keys=["idle", "shares", "throughput"])""",
+ddlkit.figures.figure({f"balance={mode}": run for mode, run in runs.items()}, keys=["idle", "shares", "throughput"])""",
     ),
     (
         "md",

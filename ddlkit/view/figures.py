@@ -78,19 +78,29 @@ def build_figure(
 
 
 def title_of(runs: list[RunData]) -> str:
-    return " | ".join(f"run {d.run.id} · {ranks(d.run.world_size)} ({d.run.status})" for d in runs)
+    return " | ".join(
+        f"{'' if d.name is None else d.name + ': '}run {d.run.id} · {ranks(d.run.world_size)} ({d.run.status})"
+        for d in runs
+    )
 
 
 def ranks(count: int) -> str:
     return f"{count} rank{'s' if count != 1 else ''}"
 
 
-def figure(runs: list[Run] | Run, baseline: Run | None = None, keys: list[str] | None = None) -> go.Figure:
-    """The panels of one or several runs as a static plotly figure.
+def figure(
+    runs: list[Run] | dict[str, Run] | Run, baseline: Run | None = None, keys: list[str] | None = None
+) -> go.Figure:
+    """The panels of one or several runs as a static plotly figure. Runs
+    given as ``{name: run}`` are called by their names in legends and titles
+    (say what differs: ``{"balance=none": a, "balance=dynamic": b}``); else by
+    their ids.
 
     >>> run = Run.from_events([{"type": "step", "rank": 0, "step": 0, "time": 1.0, "loss": 2.0}])
     >>> [annotation.text for annotation in figure(run, keys=["loss_step"]).layout.annotations]
     ['loss vs step (ranks faint, mean bold)']
+    >>> [t.name for t in figure({"lr=0.1": run, "lr=0.01": run}, keys=["loss_step"]).data if "mean" in t.name]
+    ['lr=0.1 mean loss', 'lr=0.01 mean loss']
     """
     data, ctx = load(runs, baseline)
     panels = active_panels(data, ctx, keys)
@@ -106,11 +116,16 @@ def report(run: Run, path: str | Path) -> Path:
     return path
 
 
-def load(runs: list[Run] | Run, baseline: Run | None = None, read: bool = True) -> tuple[list[RunData], Context]:
-    """RunData for each run (colours in order), and the baseline's; with
-    ``read``, every event is read now (a dashboard reads in bounded slices)."""
-    runs = [runs] if isinstance(runs, Run) else list(runs)
-    data = [RunData(run, COLORS[i % len(COLORS)], read) for i, run in enumerate(runs)]
+def load(
+    runs: list[Run] | dict[str, Run] | Run, baseline: Run | None = None, read: bool = True
+) -> tuple[list[RunData], Context]:
+    """RunData for each run (colours in order; named if ``runs`` is a dict),
+    and the baseline's; with ``read``, every event is read now (a dashboard
+    reads in bounded slices)."""
+    if isinstance(runs, Run):
+        runs = [runs]
+    named = list(runs.items()) if isinstance(runs, dict) else [(None, run) for run in runs]
+    data = [RunData(run, COLORS[i % len(COLORS)], read, name=name) for i, (name, run) in enumerate(named)]
     base = next((d for d in data if d.run is baseline), None)
     if baseline is not None and base is None:
         base = RunData(baseline, "gray", read)
