@@ -122,6 +122,9 @@ def markers(data: RunData, runs: list[RunData], x_of: str, steps: np.ndarray, me
         shown["hovertext"].append(f"{'applied' if is_applied else 'asked'}: {label}")
         if is_applied:
             applied["text"].append(label)
+    # Every other label one line higher (an empty line under it): a relaunch a few steps after an lr
+    # change wrote "lr=0.00?elaunch" when both sat on the same line.
+    applied["text"] = [label + ("<br>\u00a0" if i % 2 else "") for i, label in enumerate(applied["text"])]
     common = {"type": "scatter", "hoverinfo": "text", "legendgroup": f"{data.run.id}-controls"}
     return [
         {
