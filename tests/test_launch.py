@@ -29,6 +29,25 @@ def test_a_plain_accelerator_finds_one_group_of_n_on_cpu(runs_dir):
     assert set(table["processes"]) == {3}
 
 
+def _one_rank_lingers(seconds):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    if accelerator.process_index == 1:
+        time.sleep(seconds)
+    ddlkit.log(step=0, returned=time.time())
+
+
+def test_ranks_leave_the_group_together(runs_dir):
+    """A rank whose function returned waits for its peers before tearing the group down (CI saw a 3-rank
+    plain Accelerator() fail: a fast rank left while gloo still connected a slow one, "Connection closed by peer")."""
+    run = ddlkit.launch(_one_rank_lingers, 1.0, num_processes=3, run_dir=runs_dir, echo=False).wait(timeout=60)
+    returned = run.metrics.set_index("rank")["returned"]
+    left = {e["rank"]: e["time"] for e in run.events if e["type"] == "finished"}
+    assert returned[0] < returned[1] - 0.8  # rank 0's function was done a second earlier...
+    assert min(left.values()) >= returned[1]  # ... and no rank left before rank 1 was done too
+
+
 def test_launch_returns_at_once(runs_dir):
     for target, kwargs in [
         (RunConfig(steps=5, run_dir=runs_dir), {}),

@@ -34,6 +34,7 @@ from ..files import check_own_dir, make_dir, save_torch, set_file_mode
 from ..runid import check_folder_name, is_run_id, new_run_id
 from .accelerate_state import see_the_group
 from .elastic import describe_run, restarts_left, resume_after_restart, watch_control_file
+from .group import leave_group
 from .loop import train
 from .reporter import Reporter
 
@@ -49,8 +50,7 @@ def serve(rank: int, run_dir: Path, body: Callable[[Reporter], Any]) -> NoReturn
     code = 1
     try:
         returned = body(reporter)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
         summary = returned if isinstance(returned, dict) else {}  # the rank loop's; a function's body returns None
         reporter.send(events.Finished(type="finished", **summary), now=True)
         code = 0

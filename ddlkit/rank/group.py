@@ -1,4 +1,4 @@
-"""Joining the process group of one attempt.
+"""Joining the process group of one attempt, and leaving it together.
 
 When a rank dies (or hangs) and ``max_restarts`` allows, the kernel ends
 every rank and starts all of them again (as torchrun does), attempt n+1. All
@@ -21,6 +21,8 @@ import torch.distributed as dist
 from .emulated import register as emulated_backend
 from .faults import attempt_number
 
+LEAVE_TIMEOUT_S = 60.0  # how long a finished rank waits for its peers to finish too
+
 
 def join_attempt_group(device: str, timeout: timedelta) -> None:
     """Initialise this rank's default process group under the attempt's own
@@ -37,3 +39,26 @@ def join_attempt_group(device: str, timeout: timedelta) -> None:
         rank=int(os.environ["RANK"]),
         store=dist.PrefixStore(f"/attempt_{attempt_number()}", store),
     )
+
+
+def leave_group() -> None:
+    """Destroy this rank's default process group once every rank is done with
+    it (each sets a key in the group's store, then waits for all of them).
+    gloo may still be completing a slow rank's connections to the others when
+    a fast one, whose function did nothing after joining, tears its side down:
+    the slow one then fails with "Connection closed by peer" (seen in CI: 3
+    ranks on 2 cores, a plain ``Accelerator()``). A peer that never arrives
+    (it failed, and the kernel ends the run) holds the others at most
+    ``LEAVE_TIMEOUT_S``. The store, not a collective: a rank whose function
+    returned early must not meet its peers' next collective."""
+    if not dist.is_initialized():
+        return
+    ranks = dist.get_world_size()
+    if ranks > 1:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"ddlkit/left/{dist.get_rank()}", "1")
+        try:
+            store.wait([f"ddlkit/left/{r}" for r in range(ranks)], timedelta(seconds=LEAVE_TIMEOUT_S))
+        except RuntimeError:  # timed out, or the store went away: leave anyway
+            pass
+    dist.destroy_process_group()
