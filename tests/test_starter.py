@@ -383,3 +383,15 @@ def test_a_spare_that_ended_before_its_request_is_skipped_and_reaped():
         os.waitpid(pid, os.WNOHANG)  # the ended spare was reaped
     for fd in (*fds, output_write, fresh_output_write):
         os.close(fd)
+
+
+def _environment_size(name):
+    ddlkit.log(step=0, size=len(os.environ[name]))
+
+
+def test_a_request_larger_than_a_pipe_reaches_its_spare_whole(runs_dir, monkeypatch):
+    monkeypatch.setenv("DDLKIT_TEST_LARGE", "x" * 100_000)  # the kernel's environment travels with each request
+    run = ddlkit.launch(
+        _environment_size, "DDLKIT_TEST_LARGE", num_processes=2, run_dir=runs_dir, echo=False, start="warm"
+    ).wait(timeout=60)
+    assert list(run.metrics["size"]) == [100_000, 100_000]

@@ -141,7 +141,9 @@ def start_rank(request: dict[str, Any], spares: list[Waiting], fork: Callable[[]
     while True:
         waiting = spares.pop(0) if spares else fork()
         try:
-            os.write(waiting.request_fd, json.dumps(request).encode())  # a few kB: within the pipe's buffer
+            unsent = memoryview(json.dumps(request).encode())
+            while unsent:  # the spare reads as it comes (an environment can outgrow the pipe's 64 kB)
+                unsent = unsent[os.write(waiting.request_fd, unsent) :]
             break
         except BrokenPipeError:  # it ended before its request came (killed from outside): the next
             os.close(waiting.output_fd)
