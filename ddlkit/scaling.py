@@ -9,7 +9,10 @@ network blocks the calling rank the same way):
 - compute: ``overhead + per_sample * samples`` a rank computes in the step;
 - communication: each operation's alpha-beta time on the network (``ddlkit.network``),
   plus, with ``emulated=True`` (a run on this machine), what loopback itself takes
-  (the calibrated all-reduce and point-to-point fits).
+  (the calibrated all-reduce and point-to-point fits) and, for ``data``, what a
+  DDP step of two ranks side by side took beyond that and one rank's compute
+  (``Calibration.ddp_overhead_s``: DDP's hooks and bucket copies, two ranks
+  sharing the machine's cores and memory).
 
 >>> cal = Calibration(1e-4, 1e9, 1e-4, 2e9, per_sample_s=1e-4, overhead_s=1e-3, shapes=((1000, 1000),))
 >>> table = predict(cal, "data", [1, 2, 4], batch_size=64, network="1gbe", emulated=False)
@@ -45,6 +48,7 @@ class Calibration:
     overhead_s: float
     shapes: tuple[tuple[int, ...], ...] = ()
     activation_floats: int = 128  # per sample, at a pipeline stage boundary
+    ddp_overhead_s: float = 0.0  # a 2-rank DDP step on this machine, less compute and loopback's all-reduce
     measured: dict[str, Any] = field(default_factory=dict, compare=False)  # the raw measurements
 
     @property
@@ -138,6 +142,8 @@ def step_seconds(
     for kind, payload, times in _ops(cal, strategy, n, {**knobs, "batch_size": batch_size}):
         each = op_seconds(kind, int(payload), n, link) + (_loopback(cal, kind, payload, n) if emulated else 0.0)
         comm += times * each
+    if strategy == "data" and n > 1 and emulated:
+        comm += cal.ddp_overhead_s
     return {"compute_s": compute, "comm_s": comm, "step_s": compute + comm}
 
 

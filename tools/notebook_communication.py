@@ -72,16 +72,17 @@ table""",
         """## 2. On 1 GbE the speed-up at 2 ranks goes, and the cost model saw it coming
 
 Calibrate once (about half a minute: ping-pong and all-reduce timings over
-message sizes, and single-rank steps of this model at three batch sizes).
+message sizes, single-rank steps of this model at three batch sizes, and a
+short 2-rank DDP run on loopback for what DDP itself costs here).
 Then one rank with the global batch of 64, and one run of two ranks of 32
 whose network is switched live between loopback and an emulated 1 GbE link
 every 25 steps, eight times: the two networks take turns on the same machine
 (which other work shares), and each step's `network_s` says which one it
 had. The stated amounts: 1 GbE costs at least 0.1 of efficiency at 2 ranks,
-and the prediction is within 35 % of the measured step. (The target was
-20 %; on the shared 2-core machine this was written on, with other test
-suites running, separate runs minutes apart differed by up to 2x, and the
-prediction, calibrated in other runs, came within 23 %.)""",
+and the prediction is within 20 % of the measured step. (On the 2-core
+machine this was written on it came within 3-6 % in most runs and 14 % in
+the worst: the 1 GbE part is modelled to within a few percent, and what
+varies is the loopback step of two runs minutes apart.)""",
     ),
     (
         "code",
@@ -111,7 +112,7 @@ drop = efficiency["2 ranks, loopback"] - efficiency["2 ranks, 1 GbE"]
 print(f"1 GbE costs {drop:.2f} of efficiency at 2 ranks; predicted step {predicted * 1e3:.1f} ms, "
       f"measured {step['2 ranks, 1 GbE'] * 1e3:.1f} ms")
 assert drop > 0.1, summary
-assert abs(predicted / step["2 ranks, 1 GbE"] - 1) < 0.35, summary
+assert abs(predicted / step["2 ranks, 1 GbE"] - 1) < 0.2, summary
 summary""",
     ),
     (

@@ -3,8 +3,10 @@ network, and find where adding workers stops paying.
 
 - :func:`calibrate` measures this machine's loopback (ping-pong and ring
   all-reduce over message sizes, in calibration runs of 2 ranks or more) and
-  a config's compute per sample and per step (short single-rank runs at two
-  batch sizes), and fits the alpha-beta and linear models (``ddlkit.scaling``).
+  a config's compute per sample and per step (short single-rank runs at three
+  batch sizes), and fits the alpha-beta and linear models (``ddlkit.scaling``);
+  then a short 2-rank ``data`` run of the config on loopback gives what a DDP
+  step here costs beyond those (``Calibration.ddp_overhead_s``).
 - :func:`predict` gives step time, compute, communication, throughput,
   speed-up and efficiency of a config at world sizes, on a network (emulated
   here: plus loopback's own time) or on a cluster preset (``CLUSTERS``:
@@ -22,6 +24,7 @@ Example (it launches calibration runs, so it is no doctest)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +46,7 @@ from ..scaling import CLUSTERS, Calibration
 SIZES = [256, 4_096, 32_768, 131_072, 524_288, 1_048_576]
 KNOBS = ("compression", "powersgd_rank", "topk_ratio", "grad_accumulation", "sync_every", "micro_batches")
 SKIP_STEPS = 5  # start-up steps left out of the compute fit
+DDP_STEPS = 100  # of the 2-rank run: its lower quartile wandered 3.7-5.8 ms over 40 steps, 4.0-4.9 over 100
 QUANTILE = 0.25  # of step times: a shared machine slows some steps a lot; the lower quartile is what the code costs
 __all__ = ["CLUSTERS", "Calibration", "calibrate", "predict", "best_world_size", "figure"]
 
@@ -74,7 +78,7 @@ def calibrate(
     model = build_model(cfg.model, load_dataset(cfg.dataset, cfg.seed, cfg.seq_len), cfg.hidden, cfg.seq_len)
     width = cfg.hidden * (cfg.seq_len if cfg.model == "lm" else 1)
     measured = {"sizes": list(all_sizes), "ranks": ranks, "one_way_s": one_way, "allreduce_s": ring, **compute}
-    return Calibration(
+    fitted = Calibration(
         p2p[0],
         1 / p2p[1],
         allreduce[0],
@@ -83,8 +87,9 @@ def calibrate(
         overhead,
         tuple(tuple(p.shape) for p in model.parameters()),
         width,
-        measured,
+        measured=measured,
     )
+    return _with_ddp_overhead(fitted, cfg, timeout)
 
 
 def _fit(messages: np.ndarray, volume: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
@@ -108,6 +113,19 @@ def _compute(cfg: RunConfig, steps: int, timeout: float) -> tuple[float, float, 
         times.append(step_time(launch(single, echo=False).wait(timeout)))
     overhead, inverse = _fit(np.ones(len(batches)), np.array(batches, dtype=float), np.array(times))
     return inverse, overhead, {"batches": batches, "step_s": times}
+
+
+def _with_ddp_overhead(cal: Calibration, cfg: RunConfig, timeout: float) -> Calibration:
+    """``cal`` with the time a 2-rank DDP step of ``cfg`` (its own batch per rank and knobs, on loopback)
+    took beyond one rank's compute and the fitted all-reduce: on 2 cores, for the mlp of hidden 512 at
+    batch 32, 0.2-3.3 ms of a 3.5-6.4 ms step (DDP's hooks and bucket copies, and two ranks sharing
+    cores and memory)."""
+    pair = cfg.for_strategy("data").replace(world_size=2, steps=DDP_STEPS, threads=1, network="loopback")
+    pair = pair.replace(eval_every=None)
+    measured = step_time(launch(pair, echo=False).wait(timeout))
+    modelled = scaling.step_seconds(cal, "data", 2, cfg.batch_size, knobs_of(pair), None, emulated=True)["step_s"]
+    cal.measured["ddp_step_s"] = measured
+    return dataclasses.replace(cal, ddp_overhead_s=max(0.0, measured - modelled))
 
 
 def step_time(run: Run) -> float:
