@@ -58,6 +58,19 @@ def whoami():
     )
 
 
+def test_the_starters_first_steps_leave_its_threads_and_random_state_as_they_were():
+    """The starter trains each built-in model one step before forking (a rank's first step is then
+    3 ms, not 12): on one thread, and with torch's random state put back, so that a function that
+    draws numbers unseeded in a rank gets what a fresh interpreter would."""
+    from ddlkit.rank.forkserver import first_steps
+
+    threads, random_state = torch.get_num_threads(), torch.get_rng_state()
+    first_steps()
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), random_state)
+    assert not torch.cuda.is_initialized()
+
+
 def test_the_starter_never_touched_cuda_talks_privately_and_its_ranks_lead_their_groups(runs_dir):
     warm = forkserver.warm_starter()
     probe = warm.probe()
