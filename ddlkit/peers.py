@@ -92,6 +92,13 @@ def owner_uid(accepted: socket.socket) -> int | None:
         ours, theirs = accepted.getsockname()[:2], accepted.getpeername()[:2]
     except OSError:
         return None
+    try:
+        found = sockdiag.owner(theirs, ours)  # one lookup, not a dump of every socket
+        if found is not None:
+            state, uid = found
+            return uid if state != int(_TIME_WAIT, 16) else None
+    except OSError:  # no netlink or inet_diag: the table below comes from /proc
+        pass
     for entry in tcp_sockets():
         if entry.local == theirs and entry.remote == ours and entry.state != _TIME_WAIT:
             return entry.uid

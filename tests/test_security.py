@@ -260,9 +260,13 @@ def test_the_socket_table_over_netlink_is_the_one_in_proc_and_proc_is_the_fallba
             assert {s.uid for s in in_proc} == {os.geteuid()} and all(s.inode for s in in_proc)
             assert {s.local[0] for s in in_proc} == {"127.0.0.1"}  # the IPv6 client's address, as IPv4
             assert peers.owner_uid(accepted) == os.geteuid()
+            # the same owner found by the connection's addresses alone (no dump), the IPv6 client's included
+            assert sockdiag.owner(accepted.getpeername(), accepted.getsockname()) == (1, os.geteuid())  # established
+            assert sockdiag.owner(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
 
             def no_netlink():
                 raise OSError("no inet_diag")
 
             monkeypatch.setattr(sockdiag, "tcp_sockets", no_netlink)  # a kernel without sock_diag
+            monkeypatch.setattr(sockdiag, "owner", lambda *ends: no_netlink())
             assert ours(peers.tcp_sockets()) == in_proc and peers.owner_uid(accepted) == os.geteuid()
