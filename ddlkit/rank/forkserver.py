@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import io
 import json
 import os
@@ -66,6 +67,11 @@ def preload() -> None:
     from .. import registry
     from ..data import read_shipped_files
     from . import entry  # noqa: F401  (the rank loop and everything it imports)
+
+    # Imported on first use, in every rank: by socket.getaddrinfo with a host name string (4 ms of the
+    # channel's connect) and by torch.save. A rank imports nothing else (checked with every strategy).
+    importlib.import_module("encodings.idna")
+    importlib.import_module("torch.utils.serialization")
 
     registry.names()  # imports every built-in strategy
     read_shipped_files()
