@@ -62,7 +62,7 @@ def test_the_starters_first_steps_leave_its_threads_and_random_state_as_they_wer
     """The starter trains each built-in model one step before forking (a rank's first step is then
     3 ms, not 12): on one thread, and with torch's random state put back, so that a function that
     draws numbers unseeded in a rank gets what a fresh interpreter would."""
-    from ddlkit.rank.forkserver import first_steps
+    from ddlkit.rank.prewarm import first_steps
 
     threads, random_state = torch.get_num_threads(), torch.get_rng_state()
     first_steps()

@@ -66,7 +66,7 @@ def preload() -> None:
 
     from .. import registry
     from ..data import read_shipped_files
-    from . import entry  # noqa: F401  (the rank loop and everything it imports)
+    from . import entry, prewarm  # noqa: F401  (entry: the rank loop and everything it imports)
 
     # Imported on first use, in every rank: by socket.getaddrinfo with a host name string (4 ms of the
     # channel's connect) and by torch.save. A rank imports nothing else (checked with every strategy).
@@ -75,41 +75,11 @@ def preload() -> None:
 
     registry.names()  # imports every built-in strategy
     read_shipped_files()
-    first_steps()
+    prewarm.first_steps()
     gc.collect()
     gc.freeze()  # a rank's collections skip what was preloaded: no time scanning it, no copy of its pages
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised while preloading the warm starter: it cannot fork ranks")
-
-
-FIRST_STEPS = (("mlp", "digits"), ("cnn", "digits"), ("lm", "sonnets"), ("mlp", "regression"))  # model, data
-
-
-def first_steps() -> None:
-    """One training step of every built-in model, here, once: a rank's first
-    step pays for torch's first calls (kernel selection, autograd's and the
-    optimizers' set-up: 12 ms of a forked child's first MLP step, 3 ms after
-    this) unless the process it was forked from made them. On one thread (a
-    parallel region would leave a thread pool behind that a forked child
-    cannot use), and the random state put back: a function that draws
-    numbers without seeding gets what it would in a fresh interpreter."""
-    import torch
-
-    from ..data import load_dataset
-    from ..models import build_model, loss_fn
-
-    threads, random_state = torch.get_num_threads(), torch.get_rng_state()
-    torch.set_num_threads(1)
-    try:
-        for model_name, dataset_name in FIRST_STEPS:
-            dataset = load_dataset(dataset_name, seq_len=8)
-            model = build_model(model_name, dataset, hidden=16, seq_len=8)
-            for optimizer in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-                loss_fn(dataset.task, model(dataset.inputs[:4]), dataset.targets[:4]).backward()
-                optimizer(model.parameters(), lr=0.01).step()
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_rng_state(random_state)
 
 
 def state() -> dict[str, Any]:
