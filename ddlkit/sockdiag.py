@@ -42,7 +42,7 @@ Entry = tuple[int, bytes, int, bytes, int, int, int]
 
 def owner(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
     """(state, uid) of the one TCP socket with these ends, asked for by its
-    addresses (the kernel looks it up in its hash table: no dump, ~0.1 ms), or
+    addresses (the kernel looks it up in its hash table: no dump; 0.02-0.07 ms here), or
     None if there is none. IPv4 ends also find an IPv6 socket's IPv4-mapped ones."""
     family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
     ends = [socket.inet_pton(family, host).ljust(16, b"\0") for host in (local[0], remote[0])]

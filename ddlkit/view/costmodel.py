@@ -120,8 +120,9 @@ def _with_ddp_overhead(cal: Calibration, cfg: RunConfig, timeout: float) -> Cali
     took beyond one rank's compute and the fitted all-reduce: on 2 cores, for the mlp of hidden 512 at
     batch 32, 0.2-3.3 ms of a 3.5-6.4 ms step (DDP's hooks and bucket copies, and two ranks sharing
     cores and memory)."""
-    pair = cfg.for_strategy("data").replace(world_size=2, steps=DDP_STEPS, threads=1, network="loopback")
-    pair = pair.replace(eval_every=None)
+    pair = cfg.for_strategy("data").replace(
+        world_size=2, steps=DDP_STEPS, threads=1, network="loopback", eval_every=None
+    )
     measured = step_time(launch(pair, echo=False).wait(timeout))
     modelled = scaling.step_seconds(cal, "data", 2, cfg.batch_size, knobs_of(pair), None, emulated=True)["step_s"]
     cal.measured["ddp_step_s"] = measured
