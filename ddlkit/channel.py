@@ -13,6 +13,9 @@ connects and stays silent delays no rank. Messages are JSON objects framed by
 
 from __future__ import annotations
 
+# A socket address given as a string goes through the "idna" codec, whose first use imports this module
+# (4 ms of a rank's start): imported here, in the kernel and the warm starter, every rank they fork has it.
+import encodings.idna  # noqa: F401
 import hashlib
 import hmac
 import json

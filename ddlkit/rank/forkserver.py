@@ -68,9 +68,8 @@ def preload() -> None:
     from ..data import read_shipped_files
     from . import entry, prewarm  # noqa: F401  (entry: the rank loop and everything it imports)
 
-    # Imported on first use, in every rank: by socket.getaddrinfo with a host name string (4 ms of the
-    # channel's connect) and by torch.save. A rank imports nothing else (checked with every strategy).
-    importlib.import_module("encodings.idna")
+    # Imported on first use, in every rank, by torch.save; a rank imports nothing else that the starter
+    # has not (checked with every strategy; ddlkit.channel imports the other, encodings.idna).
     importlib.import_module("torch.utils.serialization")
 
     registry.names()  # imports every built-in strategy
