@@ -408,3 +408,36 @@ def test_a_request_larger_than_a_pipe_reaches_its_spare_whole(runs_dir, monkeypa
         _environment_size, "DDLKIT_TEST_LARGE", num_processes=2, run_dir=runs_dir, echo=False, start="warm"
     ).wait(timeout=60)
     assert list(run.metrics["size"]) == [100_000, 100_000]
+
+
+def test_ranks_asked_of_the_starter_together_are_ended_if_not_all_of_them_started(tmp_path, monkeypatch):
+    """A launch's requests go to the starter together and the answers are read after (no round
+    trip per rank); if an answer does not come, the ranks that did start are killed and the
+    launch is told (StarterUnavailable: it then spawns them all)."""
+    warm = forkserver.warm_starter()
+    warm.wait_ready()
+    answered = []
+    real_ask = forkserver.WarmStarter._ask
+
+    def first_answer_only(self, requests, answer):
+        replies = real_ask(self, requests, answer)
+        if answer != "started":  # a probe
+            return replies
+        answered.extend(replies)
+        assert len(replies) == len(requests) == 2  # the starter answered both requests
+        return replies[:1]  # ... but the second answer is lost
+
+    monkeypatch.setattr(forkserver.WarmStarter, "_ask", first_answer_only)
+    env = {"DDLKIT_RUN_DIR": str(tmp_path), "DDLKIT_ARGS": "[60]"}
+    try:
+        with pytest.raises(forkserver.StarterUnavailable, match="did not start every rank"):
+            warm.start(["--function", "time:sleep"], [env, env], 1)
+        started = answered[0][0]["pid"]
+        wait_until(lambda: warm.exit_code(started) is not None, 10)
+        assert warm.exit_code(started) == -signal.SIGKILL
+    finally:
+        for reply, fds in answered[1:]:  # the one whose answer was lost: this test's to end
+            os.killpg(reply["pid"], signal.SIGKILL)
+            wait_until(lambda: warm.exit_code(reply["pid"]) is not None, 10)  # noqa: B023 (waited on here)
+            for fd in fds:
+                os.close(fd)

@@ -15,6 +15,7 @@ cannot work (no ``os.fork``, or it failed to come up) ranks are spawned too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -89,18 +90,31 @@ class WarmStarter:
                 pass
             return bool(self._ready)
 
-    def start(self, argv: list[str], env: dict[str, str], threads: int) -> tuple[StarterChild, Any]:
-        """Fork one rank that runs ``python -m ddlkit.worker ARGV`` with ``env``
-        over the kernel's environment; its process and output (a binary file)."""
+    def start(self, argv: list[str], envs: list[dict[str, str]], threads: int) -> list[tuple[StarterChild, Any]]:
+        """Fork one rank per environment in ``envs``, each running ``python -m
+        ddlkit.worker ARGV`` with it over the kernel's environment; their
+        processes and outputs (binary files). The requests go out together and
+        the answers are read after (a round trip per rank cost the last rank ~2
+        ms); if not every rank started, those that did are ended."""
         self.wait_ready()
-        request = {"op": "start", "argv": argv, "env": {**os.environ, **env}, "cwd": os.getcwd(), "threads": threads}
-        reply, fds = self._ask(request, "started")
-        return StarterChild(reply["pid"], self), os.fdopen(fds[0], "rb", buffering=0)
+        common = {"op": "start", "argv": argv, "cwd": os.getcwd(), "threads": threads}
+        replies = self._ask([{**common, "env": {**os.environ, **env}} for env in envs], "started")
+        if len(replies) < len(envs):
+            for reply, fds in replies:  # each leads its process group
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(reply["pid"], signal.SIGKILL)
+                for fd in fds:
+                    os.close(fd)
+            raise StarterUnavailable("the warm starter did not start every rank it was asked for")
+        return [(StarterChild(reply["pid"], self), os.fdopen(fds[0], "rb", buffering=0)) for reply, fds in replies]
 
     def probe(self) -> dict[str, Any]:
         """The starter's own state: its pid, whether CUDA is initialised in it, its thread count."""
         self.wait_ready()
-        return self._ask({"op": "probe"}, "probe")[0]
+        replies = self._ask([{"op": "probe"}], "probe")
+        if not replies:
+            raise StarterUnavailable("the warm starter did not answer 'probe'")
+        return replies[0][0]
 
     def exit_code(self, pid: int) -> int | None:
         """How rank ``pid`` ended, None while it runs."""
@@ -121,15 +135,19 @@ class WarmStarter:
             self.process.kill()
             self.process.wait()
 
-    def _ask(self, request: dict[str, Any], answer: str) -> tuple[dict[str, Any], list[int]]:
+    def _ask(self, requests: list[dict[str, Any]], answer: str) -> list[tuple[dict[str, Any], list[int]]]:
+        """Send every request, then read an ``answer`` to each (the starter answers
+        in order); fewer if it ended or went quiet for ``REPLY_TIMEOUT_S``."""
+        replies: list[tuple[dict[str, Any], list[int]]] = []
         with self._lock:
-            self._sock.sendall(json.dumps(request).encode())
+            for request in requests:
+                self._sock.sendall(json.dumps(request).encode())
             deadline = time.time() + REPLY_TIMEOUT_S
-            while self.alive and time.time() < deadline:
+            while self.alive and time.time() < deadline and len(replies) < len(requests):
                 reply = self._receive(max(deadline - time.time(), 0.01))
                 if reply is not None and reply[0]["op"] == answer:
-                    return reply
-        raise StarterUnavailable(f"the warm starter did not answer {request['op']!r}")
+                    replies.append(reply)
+        return replies
 
     def _receive(self, timeout: float) -> tuple[dict[str, Any], list[int]] | None:
         """One message (exits and readiness are recorded here), None if none came in ``timeout`` s."""

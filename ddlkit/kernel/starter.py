@@ -76,16 +76,11 @@ class Starter:
         kernel_fds = [*self.server.fds(), *self.rendezvous.fds()]  # a forked worker must not hold them open
         if (warm := forkserver.current()) is not None:
             kernel_fds.append(warm.fileno())
+        envs = [self._env(rank, world_size, threads, attempt, checkpoint) for rank in range(world_size)]
         try:
-            for rank in range(world_size):
-                env = worker_env(
-                    rank, world_size, self.rendezvous.port, self.server, self.path, self.device, threads, attempt
-                )
-                if checkpoint is not None:
-                    env["DDLKIT_RESUME"] = str(checkpoint)
-                if self.argv is not None and self.argv[0] == "--function":
-                    env["DDLKIT_ARGS"] = json.dumps(list(self.args))
-                process, output = self._start_one(rank, env, threads, kernel_fds)
+            warmed = self._start_warm(envs, threads)  # all at once; None: forked or spawned one by one
+            for rank, env in enumerate(envs):
+                process, output = warmed[rank] if warmed else self._start_one(rank, env, threads, kernel_fds)
                 kernel_fds.append(output.fileno())
                 ranks.append(RankState(rank, process, progress_at=started))
                 outputs[rank] = output
@@ -97,19 +92,34 @@ class Starter:
             raise
         return ranks, outputs
 
+    def _env(self, rank: int, world_size: int, threads: int, attempt: int, checkpoint: Path | None) -> dict[str, str]:
+        env = worker_env(rank, world_size, self.rendezvous.port, self.server, self.path, self.device, threads, attempt)
+        if checkpoint is not None:
+            env["DDLKIT_RESUME"] = str(checkpoint)
+        if self.argv is not None and self.argv[0] == "--function":
+            env["DDLKIT_ARGS"] = json.dumps(list(self.args))
+        return env
+
+    def _start_warm(self, envs: list[dict[str, str]], threads: int) -> list[tuple[WorkerProcess, Any]] | None:
+        """Every rank from the warm starter, or None where it is not used or cannot work."""
+        if self.argv is None or not self.warm:
+            return None
+        try:
+            started = forkserver.warm_starter().start(self.argv, envs, threads)
+        except forkserver.StarterUnavailable:  # spawned instead, as before the starter existed
+            self.warm = False
+            return None
+        self.started_by = "warm"
+        return list(started)
+
     def _start_one(
         self, rank: int, env: dict[str, str], threads: int, kernel_fds: list[int]
     ) -> tuple[WorkerProcess, Any]:
+        """One rank forked from the kernel (a notebook function), or spawned."""
         if self.argv is None:
             assert callable(self.function)  # only a function object is forked
             self.started_by = "fork"
             return fork_worker(rank, env, self.function, self.args, self.path, threads, kernel_fds)
-        if self.warm:
-            try:
-                self.started_by = "warm"
-                return forkserver.warm_starter().start(self.argv, env, threads)
-            except forkserver.StarterUnavailable:  # spawned instead, as before the starter existed
-                self.warm = False
         self.started_by = "spawn"
         return spawn_worker([sys.executable, "-m", "ddlkit.worker", *self.argv], env)
 
