@@ -58,14 +58,29 @@ def whoami():
     )
 
 
-def test_the_starters_first_steps_leave_its_threads_and_random_state_as_they_were():
-    """The starter trains each built-in model one step before forking (a rank's first step is then
-    3 ms, not 12): on one thread, and with torch's random state put back, so that a function that
-    draws numbers unseeded in a rank gets what a fresh interpreter would."""
-    from ddlkit.rank.prewarm import first_steps
+def test_a_spares_first_steps_stop_when_asked_and_leave_threads_and_random_state_as_they_were():
+    """A spare trains each built-in model one step while it waits (its rank's first step is then
+    3 ms, not 12), asking before each whether its request came; on one thread, and with torch's
+    random state put back, so that a function that draws numbers unseeded in a rank gets what a
+    fresh interpreter would."""
+    from ddlkit.rank.prewarm import FIRST_STEPS, first_steps
+
+    def stop_after(steps):
+        asked = []
+
+        def stop():
+            asked.append(True)
+            return len(asked) > steps
+
+        return asked, stop
 
     threads, random_state = torch.get_num_threads(), torch.get_rng_state()
-    first_steps()
+    asked, never = stop_after(1000)
+    first_steps(stop=never)
+    assert len(asked) == 3 * len(FIRST_STEPS)  # before each step: each model, with each optimizer
+    asked, after_two = stop_after(2)
+    first_steps(stop=after_two)
+    assert len(asked) == 3  # two steps, then it stopped
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), random_state)
     assert not torch.cuda.is_initialized()

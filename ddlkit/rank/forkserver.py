@@ -36,6 +36,7 @@ import importlib
 import io
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -66,7 +67,7 @@ def preload() -> None:
 
     from .. import registry
     from ..data import read_shipped_files
-    from . import entry, prewarm  # noqa: F401  (entry: the rank loop and everything it imports)
+    from . import entry, prewarm  # noqa: F401  (the rank loop and everything it imports; a spare's warm-up)
 
     # Imported on first use, in every rank, by torch.save; a rank imports nothing else that the starter
     # has not (checked with every strategy; ddlkit.channel imports the other, encodings.idna).
@@ -74,7 +75,6 @@ def preload() -> None:
 
     registry.names()  # imports every built-in strategy
     read_shipped_files()
-    prewarm.first_steps()
     gc.collect()
     gc.freeze()  # a rank's collections skip what was preloaded: no time scanning it, no copy of its pages
     if torch.cuda.is_initialized():
@@ -125,6 +125,9 @@ def fork_waiting(sock: socket.socket, inherited: list[int]) -> Waiting:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for fd in (sock.fileno(), *inherited, request_fd, output_fd):
                 os.close(fd)
+            from . import prewarm  # preloaded
+
+            prewarm.first_steps(stop=lambda: bool(select.select([request_read], [], [], 0)[0]))  # its request came
             with os.fdopen(request_read, "rb") as requests:
                 data = requests.read()
             if data:  # nothing: the starter ended, or retired this spare
@@ -208,8 +211,6 @@ def reap(children: set[int], spares: list[Waiting], sock: socket.socket) -> None
 def serve(sock: socket.socket) -> None:
     """Answer the kernel until it goes away. Spares are forked while nothing
     else happens (``REFILL_S`` after a launch took them: not while its ranks start)."""
-    import select
-
     wakeup = os.pipe()
     os.set_blocking(wakeup[1], False)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a rank's end wakes the select below
