@@ -199,7 +199,7 @@ print(best)
 slow = curves["1gbe"].set_index("world_size")["samples_per_s"]
 assert best["1gbe"] < 1024 and (slow[slow.index >= best["1gbe"]] <= slow[best["1gbe"]] * 1.05).all()
 assert best["nvlink"] > best["1gbe"]
-title = f"predicted speed-up, mlp hidden 512, global batch 64 (best on 1 GbE: {best['1gbe']} workers)"
+title = f"predicted speed-up, mlp hidden 512, global batch 64 (best world size on 1 GbE: {best['1gbe']})"
 costmodel.figure(curves, title=title)""",
     ),
 ]
