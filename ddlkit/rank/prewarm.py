@@ -5,9 +5,9 @@ A rank's first step pays for torch's first calls (kernel selection,
 autograd's and the optimizers' set-up) and for copying the pages of the
 warm starter it touches (a forked child shares its parent's memory until it
 writes to it): measured, a forked child's first MLP step took 12 ms cold and
-3 ms once its parent had run one, and a launch's first row came at 31 ms
-(medians of 10) with spares that warmed themselves, 42 ms with a starter that
-did it once for all. In the starter, the same steps also slowed every rank's
+3 ms once its parent had run one, and a launch's first row came at 31-36 ms
+(medians of 10, three traces) with spares that warmed themselves, 42 ms with a
+starter that did it once for all. In the starter, the same steps also slowed every rank's
 later Python by ~4 % (``ddlkit.log`` bursts: 1.08x against 1.04x), so each
 spare warms itself, off the launch's path, and stops as soon as its request
 comes.
