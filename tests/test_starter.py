@@ -86,6 +86,42 @@ def test_a_spares_first_steps_stop_when_asked_and_leave_threads_and_random_state
     assert not torch.cuda.is_initialized()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the spare's group warm-up runs on Linux (gloo on lo)")
+def test_a_spares_group_warm_up_leaves_no_group_thread_socket_or_traffic_and_numbers_groups_afresh():
+    """A spare also takes one DDP step in a group of its own (5 ms off a launch's first row). Its
+    rank must then be what a fresh one is: no group, no gloo thread or socket left, nothing counted
+    as the run's traffic, and the next group named as a fresh process names it (a warmed rank and
+    one whose request came first must meet under the same store keys)."""
+    from ddlkit.rank import prewarm
+    from ddlkit.rank.emulated import NETWORK
+
+    def own(kind):
+        return sorted(os.listdir(f"/proc/self/{kind}"))
+
+    random_state, threads, network = torch.get_rng_state(), torch.get_num_threads(), NETWORK.totals()
+    tasks, fds, ifname = own("task"), own("fd"), os.environ.get("GLOO_SOCKET_IFNAME")
+    wrapped = []
+
+    class Counted(prewarm.DistributedDataParallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            wrapped.append(self.process_group.size())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prewarm, "DistributedDataParallel", Counted)
+        prewarm.warm_up(stop=lambda: False)
+        assert wrapped == [1]  # DDP over a group of one
+        asked = []
+        prewarm.warm_up(stop=lambda: asked.append(True) or len(asked) > 2)  # stopped: no group either
+        assert len(asked) == 4 and wrapped == [1]  # two steps, the third refused, and asked again before the group
+    assert not torch.distributed.is_initialized()
+    assert torch.distributed.distributed_c10d._world.group_count == 0
+    assert own("task") == tasks and own("fd") == fds
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == ifname
+    assert NETWORK.totals() == network
+    assert torch.equal(torch.get_rng_state(), random_state) and torch.get_num_threads() == threads
+
+
 def test_the_starter_never_touched_cuda_talks_privately_and_its_ranks_lead_their_groups(runs_dir):
     warm = forkserver.warm_starter()
     probe = warm.probe()

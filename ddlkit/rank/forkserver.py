@@ -127,7 +127,7 @@ def fork_waiting(sock: socket.socket, inherited: list[int]) -> Waiting:
                 os.close(fd)
             from . import prewarm  # preloaded
 
-            prewarm.first_steps(stop=lambda: bool(select.select([request_read], [], [], 0)[0]))  # its request came
+            prewarm.warm_up(stop=lambda: bool(select.select([request_read], [], [], 0)[0]))  # its request came
             with os.fdopen(request_read, "rb") as requests:
                 data = requests.read()
             if data:  # nothing: the starter ended, or retired this spare
