@@ -19,6 +19,7 @@ import pytest
 import ddlkit
 from ddlkit import RunConfig, channel
 
+from .conftest import port_is_free
 from .strangers import as_stranger, channel_probe, needs_root, store_probe, whoami
 
 MODE_VARIABLE = "DDLKIT_RUN_MODE"  # ddlkit.files.MODE_VARIABLE, spelled out as a user would
@@ -37,9 +38,14 @@ def _rss_bytes() -> int:
 
 # ---- 7 and 8: the rendezvous store and the channel ---------------------------------
 def test_another_user_can_neither_use_the_store_nor_reach_the_channel(runs_dir):
+    from ddlkit.kernel import store
+
     needs_root()
     assert as_stranger(whoami) == 65534
+    store.make_the_next()  # as after any run: the launch takes a rendezvous made ahead of time
+    made_ahead = store._made_ahead[0].port
     run = ddlkit.launch(_slow, 6, num_processes=2, run_dir=runs_dir, echo=False)
+    assert run.ports[0] == made_ahead
     channel_port = run.ports[1]  # after the store's (the ranks' MASTER_PORT)
     before = _rss_bytes()
     # Every port of the run, with the store's protocol: write 8 keys of 4 MiB, count the keys.
@@ -77,6 +83,44 @@ def test_this_users_clients_get_through_the_relay(runs_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [3000000, "2", 5, ["/attempt_0/b", "a", "n"]]
     assert rendezvous.relay is not None and rendezvous.relay.refused == 0
+
+
+def _sockets_held(of: list[str]) -> None:
+    """In a rank: how many of the kernel's sockets ``of`` it holds."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    ddlkit.log(step=0, held=len(held & set(of)))
+
+
+def test_the_next_runs_rendezvous_is_made_when_a_run_ends_and_no_forked_rank_holds_any(runs_dir):
+    """Making a rendezvous is 2-3 ms of a launch: the next run's is made when a run's closes, and
+    taken by the next launch. A rank forked from the kernel closes every rendezvous the kernel holds
+    (its run's, another live run's, the one made ahead), not only its own run's."""
+    from ddlkit.kernel import store
+
+    first = ddlkit.launch(_returns, 1, num_processes=2, run_dir=runs_dir, echo=False).wait(timeout=60)
+    assert first.status == "done"
+    made = list(store._made_ahead)
+    assert len(made) == 1 and made[0].port not in first.ports and made[0].relay is not None
+    store.make_the_next()
+    assert store._made_ahead == made  # at most one waits
+    other = store.Rendezvous()  # as another live run's
+    try:
+        sockets = [os.readlink(f"/proc/self/fd/{fd}") for fd in [*made[0].fds(), *other.fds()]]
+        assert all(s.startswith("socket:") for s in sockets)
+        assert len(set(sockets)) == 2 * 6  # each: the relay's 3, the store's listening one, its client's 2
+        assert len(sockets) == 2 * 7  # the store's listening socket twice: torch's descriptor and the seal's
+        run = ddlkit.launch(_sockets_held, sockets, num_processes=2, run_dir=runs_dir, echo=False, start="auto")
+        assert run.ports[0] == made[0].port  # it took the one made ahead
+        assert run.wait(timeout=60).status == "done", run.error
+    finally:
+        other.close()
+    assert list(run.metrics["held"]) == [0, 0]
+    assert [port_is_free(port) for port in run.ports] == [True] * len(run.ports)
 
 
 def _silent(port: int, count: int) -> list[tuple[float, socket.socket]]:

@@ -27,7 +27,7 @@ from .restarts import Restarts
 from .resume import continue_run, resume_folder
 from .run import Run
 from .starter import Starter
-from .store import Rendezvous
+from .store import next_rendezvous
 from .supervisor import Supervisor
 
 START_MODES = ("auto", "warm", "spawn")
@@ -138,7 +138,7 @@ def _start(
         argv = ["--pickled", str(run.path / PICKLED)]
     callable_function = function if callable(function) else None
     starter = Starter(
-        run.path, device, Rendezvous(), ChannelServer(new_token()), config, callable_function, args, argv, warm
+        run.path, device, next_rendezvous(), ChannelServer(new_token()), config, callable_function, args, argv, warm
     )
     try:  # the folder's files are opened first: a folder that cannot be written fails before any process starts
         supervisor = Supervisor(run, starter, hang_timeout, say, Restarts(run, config, attempt, announce))

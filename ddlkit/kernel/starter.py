@@ -27,7 +27,7 @@ import torch  # here rather than in launch(): the first import costs a second
 from ..channel import ChannelServer
 from ..config import RunConfig
 from ..files import set_file_mode
-from . import forkserver
+from . import forkserver, store
 from .ranks import ForkedProcess, RankState, WorkerProcess, kill_group, wait_gone
 from .store import Rendezvous
 
@@ -73,7 +73,7 @@ class Starter:
         )
         ranks: list[RankState] = []
         outputs: dict[int, Any] = {}
-        kernel_fds = [*self.server.fds(), *self.rendezvous.fds()]  # a forked worker must not hold them open
+        kernel_fds = [*self.server.fds(), *store.kernel_fds()]  # a forked worker must not hold them open
         if (warm := forkserver.current()) is not None:
             kernel_fds.append(warm.fileno())
         envs = [self._env(rank, world_size, threads, attempt, checkpoint) for rank in range(world_size)]
@@ -134,9 +134,10 @@ class Starter:
             return True  # spawned instead
 
     def close(self) -> None:
-        """The store and the channel's listening socket go with the run."""
+        """The store and the channel's listening socket go with the run; the next run's store is made."""
         self.server.close()
         self.rendezvous.close()
+        store.make_the_next()
 
 
 def worker_env(

@@ -25,6 +25,11 @@ and that it holds no key, or starts again with a new store.
 
 Elsewhere than Linux neither check exists and the store is torch's, open to
 any local user (``docs/security.md``).
+
+Making one takes 2-3 ms (the store's server, the seal, the check for
+strangers, the relay's thread), a tenth of a launch from a ready starter. So
+when a run's rendezvous closes, the next run's is made (:func:`next_rendezvous`
+takes it), sealed and relayed from the start as any other.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from datetime import timedelta
 
 from torch.distributed import TCPStore
@@ -122,6 +128,7 @@ class Rendezvous:
 
     def __init__(self, host: str = "127.0.0.1", timeout_s: float = 300.0):
         for _ in range(_ATTEMPTS):
+            before = _sockets() if peers.CHECKED else {}
             listener = socket.create_server((host, 0))
             store_port = listener.getsockname()[1]
             seal = Seal(listener) if peers.CHECKED else None
@@ -137,6 +144,9 @@ class Rendezvous:
             if seal is None:
                 self.seal, self.relay, self.port, self.private_ports = None, None, store_port, []
                 return
+            # Its listening socket and its own client's connection, which a forked rank closes too.
+            made = {fd: name for fd, name in _sockets().items() if before.get(fd) != name}
+            self._store_sockets = {fd: name for fd, name in made.items() if fd != seal.fileno()}
             seal.shut()
             if not peers.strangers_connected_to(seal.address) and self._store.num_keys() == 0:
                 break
@@ -146,16 +156,67 @@ class Rendezvous:
             raise RuntimeError(f"another process kept connecting to ddlkit's rendezvous store ({_ATTEMPTS} tries)")
         self.seal, self.relay = seal, Relay(seal, host)
         self.port, self.private_ports = self.relay.port, [store_port]
+        _open.add(self)
 
     def fds(self) -> list[int]:
         """The descriptors that reach the store (a forked worker closes them)."""
         if self.relay is None or self.seal is None:
             return []
-        return [*self.relay.fds(), self.seal.fileno()]
+        now = _sockets()  # only those still the store's: a number another thread freed may be reused
+        store = [fd for fd, name in self._store_sockets.items() if now.get(fd) == name]
+        return [*self.relay.fds(), self.seal.fileno(), *store]
 
     def close(self) -> None:
+        _open.discard(self)
         if self.relay is not None:
             self.relay.close()
         self._store = None  # the store owns its listening socket and closes it when destroyed
         if self.seal is not None:
             self.seal.close()
+
+
+_open: weakref.WeakSet[Rendezvous] = weakref.WeakSet()  # every one not closed: a forked rank closes them all
+_made_ahead: list[Rendezvous] = []  # at most one, for the next run
+_made_ahead_lock = threading.Lock()
+
+
+def next_rendezvous() -> Rendezvous:
+    """The next run's rendezvous: the one made ahead of time, else a new one."""
+    with _made_ahead_lock:
+        if _made_ahead:
+            return _made_ahead.pop()
+    return Rendezvous()
+
+
+def make_the_next() -> None:
+    """Make the next run's rendezvous now (after a run's, off a launch's path), unless there is one."""
+    with _made_ahead_lock:
+        if _made_ahead:
+            return
+    try:
+        made = Rendezvous()
+    except (OSError, RuntimeError):  # no port, no thread (the kernel is exiting): the next launch makes its own
+        return
+    with _made_ahead_lock:
+        if not _made_ahead:
+            _made_ahead.append(made)
+            return
+    made.close()  # another thread made one meanwhile
+
+
+def _sockets() -> dict[int, str]:
+    """This process's socket descriptors, by what ``/proc`` names them (``socket:[inode]``)."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if name.startswith("socket:"):
+            found[int(fd)] = name
+    return found
+
+
+def kernel_fds() -> list[int]:
+    """The descriptors of every rendezvous this kernel holds (runs' and the next run's): a forked rank closes them."""
+    return sorted({fd for rendezvous in list(_open) for fd in rendezvous.fds()})
