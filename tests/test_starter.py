@@ -86,6 +86,10 @@ def test_a_spares_first_steps_stop_when_asked_and_leave_threads_and_random_state
     assert not torch.cuda.is_initialized()
 
 
+def _no_such_interface(name: str) -> int:
+    raise OSError(19, f"no such device: {name}")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the spare's group warm-up runs on Linux (gloo on lo)")
 def test_a_spares_group_warm_up_leaves_no_group_thread_socket_or_traffic_and_numbers_groups_afresh():
     """A spare also takes one DDP step in a group of its own (5 ms off a launch's first row). Its
@@ -114,6 +118,9 @@ def test_a_spares_group_warm_up_leaves_no_group_thread_socket_or_traffic_and_num
         asked = []
         prewarm.warm_up(stop=lambda: asked.append(True) or len(asked) > 2)  # stopped: no group either
         assert len(asked) == 4 and wrapped == [1]  # two steps, the third refused, and asked again before the group
+        patch.setattr(prewarm.socket, "if_nametoindex", _no_such_interface)
+        prewarm.first_collectives()  # no `lo`: no group (gloo could not make its device), the spare still serves
+        assert wrapped == [1]
     assert not torch.distributed.is_initialized()
     assert torch.distributed.distributed_c10d._world.group_count == 0
     assert own("task") == tasks and own("fd") == fds

@@ -23,6 +23,7 @@ apart; docs/starting.md).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,7 +70,7 @@ def first_collectives() -> None:
     the next group is numbered as in a fresh process, so a warmed rank and one
     that was not meet under the same keys. Linux only (``lo``, as ranks use);
     uncounted by the emulated network."""
-    if sys.platform != "linux" or dist.is_initialized():
+    if sys.platform != "linux" or dist.is_initialized() or not has_loopback():
         return
     with one_thread_same_numbers(), gloo_on_loopback(), unmetered():
         dist.init_process_group(register(), store=dist.HashStore(), rank=0, world_size=1)
@@ -97,6 +98,15 @@ def one_thread_same_numbers() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(random_state)
+
+
+def has_loopback() -> bool:
+    """Whether the interface ``lo`` exists (where gloo's device is made; without it, no warm-up)."""
+    try:
+        socket.if_nametoindex("lo")
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
