@@ -73,12 +73,10 @@ class Starter:
         )
         ranks: list[RankState] = []
         outputs: dict[int, Any] = {}
-        kernel_fds = [*self.server.fds(), *store.kernel_fds()]  # a forked worker must not hold them open
-        if (warm := forkserver.current()) is not None:
-            kernel_fds.append(warm.fileno())
         envs = [self._env(rank, world_size, threads, attempt, checkpoint) for rank in range(world_size)]
         try:
             warmed = self._start_warm(envs, threads)  # all at once; None: forked or spawned one by one
+            kernel_fds = [] if warmed else self._kernel_fds()  # a forked worker must not hold them open
             for rank, env in enumerate(envs):
                 process, output = warmed[rank] if warmed else self._start_one(rank, env, threads, kernel_fds)
                 kernel_fds.append(output.fileno())
@@ -99,6 +97,14 @@ class Starter:
         if self.argv is not None and self.argv[0] == "--function":
             env["DDLKIT_ARGS"] = json.dumps(list(self.args))
         return env
+
+    def _kernel_fds(self) -> list[int]:
+        """What the kernel holds that a rank forked from it closes: the channel's listening socket, every
+        rendezvous' sockets (this run's, other runs', the one made ahead) and the warm starter's socket."""
+        fds = [*self.server.fds(), *store.kernel_fds()]
+        if (warm := forkserver.current()) is not None:
+            fds.append(warm.fileno())
+        return fds
 
     def _start_warm(self, envs: list[dict[str, str]], threads: int) -> list[tuple[WorkerProcess, Any]] | None:
         """Every rank from the warm starter, or None where it is not used or cannot work."""
