@@ -133,17 +133,22 @@ class Doorman:
         return sock
 
 
-def own_socket_inodes() -> set[int]:
-    """The inodes of every socket this process holds open."""
-    inodes = set()
+def own_sockets() -> dict[int, int]:
+    """Every socket this process holds open: its descriptor and the socket's inode."""
+    sockets = {}
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:  # closed meanwhile (listdir's own fd, or another thread's)
             continue
         if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
+            sockets[int(fd)] = int(target[8:-1])
+    return sockets
+
+
+def own_socket_inodes() -> set[int]:
+    """The inodes of every socket this process holds open."""
+    return set(own_sockets().values())
 
 
 def strangers_connected_to(address: tuple[str, int]) -> list[TcpSocket]:

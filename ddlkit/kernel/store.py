@@ -128,7 +128,7 @@ class Rendezvous:
 
     def __init__(self, host: str = "127.0.0.1", timeout_s: float = 300.0):
         for _ in range(_ATTEMPTS):
-            before = _sockets() if peers.CHECKED else {}
+            before = peers.own_sockets() if peers.CHECKED else {}
             listener = socket.create_server((host, 0))
             store_port = listener.getsockname()[1]
             seal = Seal(listener) if peers.CHECKED else None
@@ -145,8 +145,8 @@ class Rendezvous:
                 self.seal, self.relay, self.port, self.private_ports = None, None, store_port, []
                 return
             # Its listening socket and its own client's connection, which a forked rank closes too.
-            made = {fd: name for fd, name in _sockets().items() if before.get(fd) != name}
-            self._store_sockets = {fd: name for fd, name in made.items() if fd != seal.fileno()}
+            made = {fd: inode for fd, inode in peers.own_sockets().items() if before.get(fd) != inode}
+            self._store_sockets = {fd: inode for fd, inode in made.items() if fd != seal.fileno()}
             seal.shut()
             if not peers.strangers_connected_to(seal.address) and self._store.num_keys() == 0:
                 break
@@ -162,8 +162,8 @@ class Rendezvous:
         """The descriptors that reach the store (a forked worker closes them)."""
         if self.relay is None or self.seal is None:
             return []
-        now = _sockets()  # only those still the store's: a number another thread freed may be reused
-        store = [fd for fd, name in self._store_sockets.items() if now.get(fd) == name]
+        now = peers.own_sockets()  # only those still the store's: a number another thread freed may be reused
+        store = [fd for fd, inode in self._store_sockets.items() if now.get(fd) == inode]
         return [*self.relay.fds(), self.seal.fileno(), *store]
 
     def close(self) -> None:
@@ -202,19 +202,6 @@ def make_the_next() -> None:
             _made_ahead.append(made)
             return
     made.close()  # another thread made one meanwhile
-
-
-def _sockets() -> dict[int, str]:
-    """This process's socket descriptors, by what ``/proc`` names them (``socket:[inode]``)."""
-    found = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            name = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the listing's own descriptor, closed by now
-            continue
-        if name.startswith("socket:"):
-            found[int(fd)] = name
-    return found
 
 
 def kernel_fds() -> list[int]:
