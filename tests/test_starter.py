@@ -381,8 +381,16 @@ def test_a_kernels_first_launch_returns_at_once_while_the_starter_preloads(runs_
     started = time.perf_counter()
     run = ddlkit.launch(RunConfig(steps=3, batch_size=8, run_dir=runs_dir), echo=False)
     assert time.perf_counter() - started < 0.5
-    assert not forkserver.current().is_ready()  # the supervisor's thread starts the ranks once it is
+    # The supervisor's thread starts the ranks once the starter is ready, waiting for it meanwhile; a look
+    # from another thread (a second launch, a ControlPanel) must not wait with it (it once did, for seconds).
+    waiting = threading.Thread(target=forkserver.current().wait_ready)
+    waiting.start()
+    time.sleep(0.05)
+    looked = time.perf_counter()
+    assert not forkserver.current().is_ready()
+    assert time.perf_counter() - looked < 0.1
     assert run.status == "starting"
+    waiting.join(timeout=60)
     assert run.wait(timeout=120).status == "done"
 
 

@@ -84,11 +84,16 @@ class WarmStarter:
                 raise StarterUnavailable(self.error or "the warm starter ended before it was ready")
 
     def is_ready(self) -> bool:
-        """Preloaded and answering (a non-blocking look)."""
-        with self._lock:
+        """Preloaded and answering (a non-blocking look: while another thread
+        talks to the starter, e.g. waits for it in :meth:`wait_ready`, what is known so far)."""
+        if not self._lock.acquire(blocking=False):
+            return bool(self._ready)
+        try:
             while self._ready is None and self.alive and self._receive(0) is not None:
                 pass
             return bool(self._ready)
+        finally:
+            self._lock.release()
 
     def start(self, argv: list[str], envs: list[dict[str, str]], threads: int) -> list[tuple[StarterChild, Any]]:
         """Fork one rank per environment in ``envs``, each running ``python -m
